@@ -1,0 +1,3 @@
+from rlcd.cli import main
+
+main()

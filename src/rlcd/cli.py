@@ -1,0 +1,83 @@
+"""The `rlcd` command: one subcommand per stage. Each stage module provides
+`add_arguments(parser)` and `run(args)`; this file only wires them up.
+
+`--config FILE` reads a YAML mapping whose keys are flag names (`batch-size` or
+`batch_size`); flags given on the command line override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+import yaml
+
+from rlcd import __version__
+from rlcd.files import UserError
+
+STAGES = {
+    "simulate": ("rlcd.simulate", "simulate preference pairs (rlcd, rlaif, rlcd_rescore)"),
+    "consolidate": ("rlcd.preferences", "turn simulation shards into a preference table"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlcd", description="RLCD: preference simulation and alignment.")
+    parser.add_argument("--version", action="version", version=f"rlcd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in STAGES.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", help="YAML file of flag values; command-line flags override it")
+        importlib.import_module(module).add_arguments(p)
+        p.set_defaults(_module=module, _parser=p)
+    return parser
+
+
+def apply_config(args: argparse.Namespace, argv: list[str]) -> None:
+    """Fill in values from --config for every flag not given on the command line."""
+    if not args.config:
+        return
+    try:
+        with open(args.config, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise UserError(f"{args.config}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{args.config}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{args.config}: expected a mapping of flag names to values")
+    parser: argparse.ArgumentParser = args._parser
+    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    given = {a.dest for a in parser._actions for s in a.option_strings if any(x == s or x.startswith(s + "=") for x in argv)}
+    for key, value in values.items():
+        dest = str(key).replace("-", "_")
+        if dest not in actions or dest == "config":
+            raise UserError(f"{args.config}: unknown key '{key}' for 'rlcd {args.command}' (see rlcd {args.command} --help)")
+        if dest in given:
+            continue
+        action = actions[dest]
+        if action.type is not None and value is not None and not isinstance(value, bool):
+            try:
+                value = action.type(value)
+            except (TypeError, ValueError) as e:
+                raise UserError(f"{args.config}: key '{key}': {e}") from None
+        if action.choices is not None and value not in action.choices:
+            raise UserError(f"{args.config}: key '{key}': {value!r} is not one of {list(action.choices)}")
+        setattr(args, dest, value)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    try:
+        apply_config(args, argv)
+        importlib.import_module(args._module).run(args)
+    except UserError as e:
+        print(f"rlcd {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"rlcd {args.command}: interrupted; finished work is saved, run the same command again to resume", file=sys.stderr)
+        sys.exit(130)

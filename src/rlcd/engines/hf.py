@@ -1,0 +1,151 @@
+"""In-process engine: a Hugging Face causal LM, with its own decoding loop.
+
+The loop (rather than `model.generate`) gives per-row seeded sampling
+(`sampling.sample`), per-row stop strings, and drops finished rows from the
+batch and its KV cache, so a batch costs what its live rows cost.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from rlcd.engines import Completion, SamplingParams
+from rlcd.engines.sampling import sample
+
+
+class HFEngine:
+    name = "hf"
+    can_ban_tokens = True
+
+    def __init__(self, model, tokenizer, batch_size: int = 32):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.device = next(model.parameters()).device
+        self.context_length = getattr(model.config, "max_position_embeddings", None)
+        self._banned_cache: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=True).input_ids)
+
+    def _encode(self, prompts: Sequence[str]):
+        enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=True)
+        mask = enc.attention_mask.to(self.device)
+        return enc.input_ids.to(self.device), mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def banned_token_ids(self, banned: tuple[str, ...]) -> torch.Tensor:
+        """Every vocabulary token whose text contains a banned string."""
+        if banned not in self._banned_cache:
+            vocab = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+            texts = [self.tokenizer.convert_tokens_to_string([t]) if t is not None else "" for t in vocab]
+            ids = [i for i, t in enumerate(texts) if any(b in t for b in banned)]
+            self._banned_cache[banned] = torch.tensor(ids, dtype=torch.long, device=self.device)
+        return self._banned_cache[banned]
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int]) -> list[Completion]:
+        # longest first: similar lengths share a batch and padding stays small
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        results: list[Completion | None] = [None] * len(prompts)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            for i, c in zip(chunk, self._generate_batch([prompts[i] for i in chunk], params, [seeds[i] for i in chunk])):
+                results[i] = c
+        return results  # type: ignore[return-value]
+
+    def _generate_batch(self, prompts: list[str], params: SamplingParams, seeds: list[int]) -> list[Completion]:
+        input_ids, mask, positions = self._encode(prompts)
+        banned = self.banned_token_ids(params.banned) if params.banned else None
+        eos = set(_eos_ids(self.model, self.tokenizer)) if params.stop_at_eos else set()
+        seeds_t = torch.tensor(seeds, dtype=torch.int64, device=self.device)
+        live = list(range(len(prompts)))  # original row of each row still in the batch
+        tokens: list[list[int]] = [[] for _ in prompts]
+        done: list[Completion | None] = [None] * len(prompts)
+
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        cache, next_pos = out.past_key_values, positions[:, -1:] + 1
+        for step in range(params.max_new_tokens):
+            logits = out.logits[:, -1, :].float()
+            if banned is not None and len(banned):
+                logits[:, banned] = float("-inf")
+            chosen = sample(logits, seeds_t, step, params.temperature, params.top_k, params.top_p).tolist()
+            keep = []
+            for row, tok in enumerate(chosen):
+                i = live[row]
+                if tok in eos:
+                    done[i] = self._finish(tokens[i], params, "eos")
+                    continue
+                tokens[i].append(tok)
+                text = self._stopped_text(tokens[i], params.stop)
+                if text is not None:
+                    done[i] = Completion(text, "stop", len(tokens[i]))
+                elif len(tokens[i]) >= params.max_new_tokens:
+                    done[i] = self._finish(tokens[i], params, "length")
+                else:
+                    keep.append(row)
+            if not keep:
+                break
+            step_ids = torch.tensor(chosen, device=self.device)[:, None]
+            mask = torch.cat([mask, torch.ones_like(step_ids)], dim=-1)
+            if len(keep) < len(live):
+                idx = torch.tensor(keep, device=self.device)
+                cache.reorder_cache(idx)
+                mask, next_pos, step_ids, seeds_t = mask[idx], next_pos[idx], step_ids[idx], seeds_t[idx]
+                live = [live[r] for r in keep]
+            out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=next_pos, past_key_values=cache, use_cache=True)
+            next_pos = next_pos + 1
+        return [d if d is not None else self._finish(t, params, "length") for d, t in zip(done, tokens)]
+
+    def _finish(self, tokens: list[int], params: SamplingParams, reason: str) -> Completion:
+        return Completion(self.tokenizer.decode(tokens), reason, len(tokens))
+
+    def _stopped_text(self, tokens: list[int], stop: tuple[str, ...]) -> str | None:
+        """The text cut right after the first stop string, or None when no stop string has appeared."""
+        if not stop:
+            return None
+        # only the tail can hold a new match: a stop string is at most len(s) tokens long
+        tail = self.tokenizer.decode(tokens[-max(len(s) for s in stop) - 1 :])
+        if not any(s in tail for s in stop):
+            return None
+        text = self.tokenizer.decode(tokens)
+        cut = min((text.find(s) + len(s) for s in stop if s in text), default=None)
+        return text[:cut] if cut is not None else None
+
+    @torch.no_grad()
+    def next_token_logprobs(self, prompts: Sequence[str], candidates: Sequence[str]) -> tuple[list[list[float]], list[int]]:
+        ids = [self.candidate_token_id(prompts[0] if prompts else "(", c) for c in candidates]
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        results: list[list[float]] = [[] for _ in prompts]
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            input_ids, mask, positions = self._encode([prompts[i] for i in chunk])
+            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits[:, -1, :]
+            logprobs = logits.float().log_softmax(-1)[:, ids].tolist()
+            for i, lp in zip(chunk, logprobs):
+                results[i] = lp
+        return results, ids
+
+    def candidate_token_id(self, prompt: str, candidate: str) -> int:
+        """The token id the model would produce for `candidate` right after `prompt`.
+
+        Tokenizing prompt+candidate and removing the prompt's tokens gives the id
+        as it really follows the prompt (e.g. "A" after "("), which can differ from
+        the id of the candidate tokenized alone (e.g. " A").
+        """
+        tail = prompt[-32:]
+        base = self.tokenizer(tail, add_special_tokens=False).input_ids
+        full = self.tokenizer(tail + candidate, add_special_tokens=False).input_ids
+        if full[: len(base)] == base and len(full) == len(base) + 1:
+            return full[-1]
+        alone = self.tokenizer(candidate, add_special_tokens=False).input_ids
+        return alone[0]
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
+    ids = ids if isinstance(ids, list) else [ids] if ids is not None else []
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids

@@ -1,0 +1,395 @@
+"""`rlcd simulate`: preference-pair simulation by RLCD, RLAIF or RLCD-Rescore (method spec §3-4).
+
+For every prompt index in this process's slice:
+  rlcd          sample o+ from p+ and o- from p- (chosen, rejected);
+  rlaif         sample two outputs from the plain prompt (A, B), then judge A vs B;
+  rlcd_rescore  the rlcd pair shuffled into slots A/B, judged with the pair's own principle.
+A rejected sample is redrawn (up to --max-attempts per output); an index whose output
+fails every attempt is written as a final `failed` record.
+
+Records go to records-r{remainder}-of-{mod}.jsonl in --out-dir, appended and fsynced
+after every batch; a re-run skips every index already in any shard of the directory.
+Every random choice derives from --seed and the prompt index alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import os
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rlcd import dialogue
+from rlcd.engines import Engine, SamplingParams
+from rlcd.files import UserError, append_lines, load_shard, now, write_manifest
+from rlcd.tasks import Task, load_task
+
+SLOTS = {"rlcd": ("chosen", "rejected"), "rlaif": ("A", "B"), "rlcd_rescore": ("A", "B")}
+
+
+@dataclass
+class SimulationConfig:
+    method: str = "rlcd"
+    seed: int = 42
+    max_new_tokens: int = 300
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    max_attempts: int = 5
+    batch_size: int = 32
+    accept_eos: bool = False
+    prompt_style: str = "raw"
+    retry_failed: bool = False
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+            top_p=self.top_p, stop=dialogue.STOP, banned=dialogue.BANNED,
+        )
+
+
+def rng(seed: int, index: int, purpose: str) -> random.Random:
+    return random.Random(f"{seed}:{index}:{purpose}")
+
+
+def sample_seed(seed: int, index: int, slot: str, attempt: int) -> int:
+    digest = hashlib.blake2b(f"{seed}:{index}:{slot}:{attempt}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def plan_record(index: int, prompt: str, task: Task, cfg: SimulationConfig, chat_template=None) -> dict:
+    """The record skeleton of one prompt: which descriptor pair, principle and slots it uses, and the prompts sent."""
+    record = {"index": index, "method": cfg.method, "status": "pending", "prompt": prompt}
+    if cfg.method == "rlaif":
+        principle = rng(cfg.seed, index, "principle").randrange(len(task.principles))
+        sent = chat_template(dialogue.chat_messages(prompt, None)) if chat_template else prompt
+        record.update(descriptor_index=None, principle_index=principle, actual_prompts={"A": sent, "B": sent})
+        return record
+    d = rng(cfg.seed, index, "descriptor").randrange(len(task.positive))
+    pos, neg = task.positive[d], task.negative[d]
+    if chat_template:
+        positive = chat_template(dialogue.chat_messages(prompt, pos))
+        negative = chat_template(dialogue.chat_messages(prompt, neg))
+    else:
+        positive, negative = dialogue.contrast_prompts(prompt, pos, neg)
+    record["descriptor_index"] = d
+    if cfg.method == "rlcd":
+        record["actual_prompts"] = {"chosen": positive, "rejected": negative}
+    else:
+        slot = "A" if rng(cfg.seed, index, "slots").random() < 0.5 else "B"
+        other = "B" if slot == "A" else "A"
+        record.update(principle_index=d, positive_slot=slot, actual_prompts={slot: positive, other: negative})
+    return record
+
+
+class Simulation:
+    """Runs the generate -> filter -> retry -> (judge) -> write loop over one slice of prompts."""
+
+    def __init__(self, engine: Engine, task: Task, cfg: SimulationConfig, shard: Path, chat_template=None):
+        self.engine, self.task, self.cfg, self.shard = engine, task, cfg, shard
+        self.chat_template = chat_template
+        self.params = cfg.sampling()
+        self.accept_eos = cfg.accept_eos or cfg.prompt_style == "chat"
+        self.tokens = 0
+
+    def run(self, items: list[tuple[int, str]], previous: dict[int, dict], progress=None) -> Counter:
+        counts = Counter()
+        cfg, slots = self.cfg, SLOTS[self.cfg.method]
+        # longest prompts first: batches hold similar lengths, and the slowest work starts early
+        queue = sorted(items, key=lambda item: -len(item[1]))
+        waiting: dict[int, dict] = {}  # index -> record being built
+        retries: list[tuple[int, str]] = []
+        while queue or retries:
+            jobs = retries[: cfg.batch_size]
+            retries = retries[cfg.batch_size :]
+            while queue and len(jobs) < cfg.batch_size:
+                index, prompt = queue.pop(0)
+                record = plan_record(index, prompt, self.task, cfg, self.chat_template)
+                before = previous.get(index, {}).get("attempts", {})
+                record.update(outputs={}, attempts={s: before.get(s, 0) for s in slots}, rejections={s: [] for s in slots})
+                record["_limit"] = {s: before.get(s, 0) + cfg.max_attempts for s in slots}
+                waiting[index] = record
+                jobs += [(index, s) for s in slots]
+            completions = self.engine.generate(
+                [waiting[i]["actual_prompts"][s] for i, s in jobs], self.params,
+                [sample_seed(cfg.seed, i, s, waiting[i]["attempts"][s]) for i, s in jobs],
+            )
+            finished = []
+            for (index, slot), completion in zip(jobs, completions):
+                record = waiting[index]
+                self.tokens += completion.num_tokens
+                record["attempts"][slot] += 1
+                response, reason = dialogue.filter_completion(completion.text, completion.finish_reason, self.accept_eos)
+                if response is not None:
+                    record["outputs"][slot] = response
+                else:
+                    record["rejections"][slot].append(reason)
+                    if record["attempts"][slot] < record["_limit"][slot]:
+                        retries.append((index, slot))
+                    elif record["status"] == "pending":
+                        record["status"] = "failed"
+                if record["status"] == "pending" and len(record["outputs"]) == len(slots):
+                    record["status"] = "ok"
+                if record["status"] != "pending" and index not in finished:
+                    finished.append(index)
+            done = [waiting.pop(i) for i in finished]
+            retries = [(i, s) for i, s in retries if i in waiting]
+            if cfg.method != "rlcd":
+                self.judge([r for r in done if r["status"] == "ok"])
+            for r in done:
+                del r["_limit"]
+                counts[r["status"]] += 1
+            append_lines(self.shard, done)
+            if progress:
+                progress(len(done), self.tokens)
+        return counts
+
+    def judge(self, records: list[dict]) -> None:
+        """Post-hoc A/B judgment from the next-token log-probabilities of the letters after '('."""
+        if not records:
+            return
+        prompts = [
+            dialogue.judge_prompt(r["prompt"], self.task.principles[r["principle_index"]], r["outputs"]["A"], r["outputs"]["B"])
+            for r in records
+        ]
+        logprobs, ids = self.engine.next_token_logprobs(prompts, ["A", "B"])
+        for r, (la, lb) in zip(records, logprobs):
+            r.update(logprob_A=la, logprob_B=lb, win2_prob=1.0 / (1.0 + math.exp(la - lb)), letter_token_ids=ids)
+
+
+def select_indices(items, indices: str | None, mod: int, remainder: int):
+    wanted = parse_indices(indices) if indices else None
+    return [(i, p) for i, p in items if (wanted is None or i in wanted) and i % mod == remainder]
+
+
+def parse_indices(spec: str) -> set[int]:
+    """'17-29,35-40,50' -> {17..29, 35..40, 50} (ranges inclusive, as in the original scripts)."""
+    out: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                start, end = (int(x) for x in part.split("-", 1))
+                if end < start:
+                    raise ValueError
+                out.update(range(start, end + 1))
+            else:
+                out.add(int(part))
+        except ValueError:
+            raise UserError(f"--indices: '{part}' is not an index or an inclusive range like 17-29") from None
+    return out
+
+
+def process_slice(mod: int | None, remainder: int | None) -> tuple[int, int]:
+    """This process's slice: the user's --indices-mod/--indices-remainder, split further over
+    the processes of `accelerate launch` (i % (mod*world) == remainder + mod*rank keeps i % mod == remainder)."""
+    if (mod is None) != (remainder is None):
+        raise UserError("--indices-mod and --indices-remainder go together")
+    mod, remainder = (mod, remainder) if mod is not None else (1, 0)
+    if mod < 1 or not 0 <= remainder < mod:
+        raise UserError(f"--indices-remainder must be in [0, --indices-mod); got {remainder} of {mod}")
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    return mod * world, remainder + mod * rank
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--prompts-file", help="hh-rlhf JSONL(.gz), or a JSON/JSONL list of first-turn questions")
+    g.add_argument("--task", default="harmless", help="harmless, helpful, or a task YAML file (default harmless)")
+    g.add_argument("--method", default="rlcd", choices=list(SLOTS), help="simulation method (default rlcd)")
+    g.add_argument("--out-dir", help="directory for the record shards and manifests")
+    g.add_argument("--dedupe", action="store_true", help="skip prompts identical to an earlier one")
+    g.add_argument("--exclude-prompts", help="skip prompts whose first Human turn starts a dialogue in this file (e.g. the test split)")
+    g.add_argument("--max-prompts", type=int, help="use only the first N prompts of the file (after skips)")
+    g.add_argument("--indices", help="only these prompt indices: comma-separated, inclusive ranges (17-29,35-40)")
+    g.add_argument("--indices-mod", type=int, help="only indices i with i %% mod == remainder")
+    g.add_argument("--indices-remainder", type=int)
+    g.add_argument("--retry-failed", action="store_true", help="redo indices whose record is 'failed' (attempts continue from where they stopped)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "--model-string", dest="model", default="smollm2", help="HF directory or hub id; 'smollm2' = the embedded default (default)")
+    g.add_argument("--backend", default="hf", choices=["hf", "openai"], help="hf: in-process transformers; openai: an OpenAI-compatible server")
+    g.add_argument("--base-url", help="server URL for --backend openai, e.g. http://127.0.0.1:8000/v1")
+    g.add_argument("--api-model", help="model name on the server for --backend openai")
+    g.add_argument("--concurrency", type=int, default=16, help="requests in flight for --backend openai (default 16)")
+    g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the GPU of this process if any, else cpu)")
+    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--batch-size", type=int, default=32, help="samples generated per batch (default 32)")
+    g.add_argument("--max-new-tokens", type=int, default=300)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=50, help="0 turns top-k off (default 50, the original's library default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--max-attempts", type=int, default=5, help="samples drawn per output before the index fails (default 5)")
+    g.add_argument("--accept-eos", action="store_true", help="accept the model's end-of-sequence token as the end of the turn")
+    g.add_argument("--prompt-style", default="raw", choices=["raw", "chat"],
+                   help="raw: the paper's 'Assistant (descriptor):' prompts (default); chat: the tokenizer's chat template, descriptor in a system message")
+
+
+def validate(args) -> SimulationConfig:
+    for flag in ("prompts_file", "out_dir"):
+        if not getattr(args, flag):
+            raise UserError(f"--{flag.replace('_', '-')} is required")
+    checks = [
+        (args.batch_size >= 1, "--batch-size must be at least 1"),
+        (args.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
+        (args.max_attempts >= 1, "--max-attempts must be at least 1"),
+        (args.temperature >= 0, "--temperature must be >= 0"),
+        (args.top_k >= 0, "--top-k must be >= 0"),
+        (0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
+        (args.concurrency >= 1, "--concurrency must be at least 1"),
+        (args.max_prompts is None or args.max_prompts >= 1, "--max-prompts must be at least 1"),
+        (args.backend == "hf" or (args.base_url and args.api_model), "--backend openai needs --base-url and --api-model"),
+        (args.backend == "hf" or args.prompt_style == "raw", "--prompt-style chat needs --backend hf (it uses the model's tokenizer)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    return SimulationConfig(
+        method=args.method, seed=args.seed, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, max_attempts=args.max_attempts, batch_size=args.batch_size,
+        accept_eos=args.accept_eos, prompt_style=args.prompt_style, retry_failed=args.retry_failed,
+    )
+
+
+def make_engine(args) -> tuple[Engine, dict]:
+    if args.backend == "openai":
+        from rlcd.engines.openai_server import OpenAIEngine
+
+        engine = OpenAIEngine(args.base_url, args.api_model, concurrency=args.concurrency)
+        return engine, {"backend": "openai", "base_url": args.base_url, "api_model": args.api_model}
+    from rlcd.engines.hf import HFEngine
+    from rlcd.models import load_causal_lm, resolve_model
+
+    model, tokenizer = load_causal_lm(args.model, args.device, args.dtype)
+    info = {"backend": "hf", "model": args.model, "path": resolve_model(args.model), "device": str(model.device), "dtype": str(model.dtype)}
+    return HFEngine(model, tokenizer, batch_size=args.batch_size), info
+
+
+def shard_summary(records: list[dict], slots: tuple[str, ...]) -> dict:
+    drawn = sum(r["attempts"][s] for r in records for s in slots)
+    accepted = sum(s in r["outputs"] for r in records for s in slots)
+    reasons = Counter(x for r in records for s in slots for x in r.get("rejections", {}).get(s, []))
+    return {
+        "ok": sum(r["status"] == "ok" for r in records),
+        "failed": sum(r["status"] == "failed" for r in records),
+        "samples_drawn": drawn,
+        "samples_accepted": accepted,
+        "acceptance_rate": round(accepted / drawn, 4) if drawn else None,
+        "rejections": dict(reasons),
+    }
+
+
+def run(args: argparse.Namespace) -> None:
+    cfg = validate(args)
+    task = load_task(args.task)
+    prompts = dialogue.load_prompts(args.prompts_file, dedupe=args.dedupe, exclude=args.exclude_prompts)
+    items = prompts.items[: args.max_prompts] if args.max_prompts else prompts.items
+    mod, remainder = process_slice(args.indices_mod, args.indices_remainder)
+    mine = select_indices(items, args.indices, mod, remainder)
+    out_dir = Path(args.out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out_dir}: cannot create the output directory ({e.strerror})") from None
+    shard = out_dir / f"records-r{remainder}-of-{mod}.jsonl"
+    manifest_path = out_dir / f"manifest-r{remainder}-of-{mod}.json"
+
+    previous: dict[int, dict] = {}
+    for path in sorted(out_dir.glob("records-*.jsonl")):
+        for record in load_shard(path, repair=path == shard):
+            if record.get("method") != cfg.method:
+                raise UserError(f"{path}: holds --method {record.get('method')} records; use another --out-dir for {cfg.method}")
+            if record["status"] == "ok" or record["index"] not in previous:
+                previous[record["index"]] = record
+    finished = {i for i, r in previous.items() if r["status"] == "ok" or not cfg.retry_failed}
+    todo = [(i, p) for i, p in mine if i not in finished]
+    retried = {i: previous[i] for i, _ in todo if i in previous}
+
+    engine, engine_info = make_engine(args)
+    chat_template = None
+    if cfg.prompt_style == "chat":
+        tokenizer = engine.tokenizer  # type: ignore[attr-defined]
+        if not tokenizer.chat_template:
+            raise UserError(f"--prompt-style chat: the tokenizer of {args.model} has no chat template")
+        chat_template = lambda messages: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)  # noqa: E731
+
+    skipped = Counter(prompts.skipped)
+    if engine.context_length:
+        fits = []
+        for index, prompt in todo:
+            longest = max(plan_record(index, prompt, task, cfg, chat_template)["actual_prompts"].values(), key=len)
+            if engine.count_tokens(longest) + cfg.max_new_tokens > engine.context_length:
+                skipped["prompt + max_new_tokens longer than the model's context"] += 1
+            else:
+                fits.append((index, prompt))
+        todo = fits
+    for line in prompts.examples:
+        print(f"skipped {line}", file=sys.stderr)
+
+    base = {
+        "stage": "simulate", "config": asdict(cfg), "task": task.name, "prompts_file": args.prompts_file,
+        "slice": {"mod": mod, "remainder": remainder, "indices": args.indices}, "engine": engine_info,
+        "seed": cfg.seed, "started_at": now(),
+    }
+    write_manifest(manifest_path, status="running", **base)
+    print(f"simulate {cfg.method}: {len(mine)} prompts in this slice, {len(mine) - len(todo) - sum(skipped.values()) + sum(prompts.skipped.values())} already done, "
+          f"{len(todo)} to do, {sum(skipped.values())} skipped", file=sys.stderr)
+
+    started = time.time()
+    progress = Progress(len(todo), started)
+    sim = Simulation(engine, task, cfg, shard, chat_template)
+    try:
+        counts = sim.run(todo, retried, progress.update)
+    finally:
+        progress.close()
+        records = [r for r in load_shard(shard)]
+        summary = shard_summary(records, SLOTS[cfg.method])
+        summary["skipped"] = dict(skipped)
+        status = "complete" if progress.done == len(todo) else "interrupted"
+        write_manifest(manifest_path, status=status, finished_at=now(), counts=summary, **base)
+    elapsed = time.time() - started
+    print(f"{counts['ok']} ok, {counts['failed']} failed this run in {elapsed:.0f}s "
+          f"({counts['ok'] / max(elapsed, 1e-9):.2f} pairs/s, {sim.tokens / max(elapsed, 1e-9):.0f} tokens/s); "
+          f"shard acceptance rate {summary['acceptance_rate']}", file=sys.stderr)
+    print(out_dir)
+
+
+class Progress:
+    """done/total, pairs/s, tokens/s and time left, on one updating stderr line."""
+
+    def __init__(self, total: int, started: float):
+        self.total, self.started, self.done = total, started, 0
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+
+    def update(self, n: int, tokens: int) -> None:
+        self.done += n
+        now_ = time.time()
+        if not self.tty and now_ - self.last < 10 and self.done < self.total:
+            return
+        self.last = now_
+        elapsed = max(now_ - self.started, 1e-9)
+        rate = self.done / elapsed
+        left = (self.total - self.done) / rate if rate else float("inf")
+        line = (f"{self.done}/{self.total} prompts  {rate:.2f} pairs/s  {tokens / elapsed:.0f} tokens/s  "
+                f"left {_duration(left)}")
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.tty and self.done:
+            print(file=sys.stderr)
+
+
+def _duration(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
