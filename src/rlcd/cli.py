@@ -19,6 +19,9 @@ from rlcd.files import UserError
 STAGES = {
     "simulate": ("rlcd.simulate", "simulate preference pairs (rlcd, rlaif, rlcd_rescore)"),
     "consolidate": ("rlcd.preferences", "turn simulation shards into a preference table"),
+    "train-rm": ("rlcd.reward", "train a reward model on a preference table"),
+    "eval-rm": ("rlcd.reward", "agreement of a reward model with human labels (hh-rlhf pairs)"),
+    "score": ("rlcd.reward", "add reward-model scores to an outputs file"),
 }
 
 

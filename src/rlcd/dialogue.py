@@ -33,8 +33,6 @@ def prompt_from_dialogue(dialogue: str) -> str:
     prompt = dialogue[: cut + len("Assistant:")].strip()
     if not prompt.startswith("Human:"):
         raise ValueError("does not start with a 'Human:' turn")
-    if not prompt.endswith(ASSISTANT):
-        raise ValueError("the last 'Assistant:' marker does not start a turn (expected a blank line before it)")
     return prompt
 
 
@@ -138,9 +136,11 @@ def _to_prompt(value) -> str:
 def contrast_prompts(prompt: str, positive: str, negative: str) -> tuple[str, str]:
     """(p+, p-): the final Assistant marker carries one descriptor and every earlier marker the opposite one."""
 
+    # the final marker is usually "\n\nAssistant:", but a few hh-rlhf dialogues have other whitespace before it
+    head = prompt[: -len("Assistant:")]
+
     def build(last: str, earlier: str) -> str:
-        head = prompt[: -len(ASSISTANT)].replace(ASSISTANT, f"\n\nAssistant {earlier}:")
-        return f"{head}\n\nAssistant {last}:"
+        return head.replace(ASSISTANT, f"\n\nAssistant {earlier}:") + f"Assistant {last}:"
 
     return build(positive, negative), build(negative, positive)
 

@@ -104,10 +104,14 @@ class Simulation:
         # longest prompts first: batches hold similar lengths, and the slowest work starts early
         queue = sorted(items, key=lambda item: -len(item[1]))
         waiting: dict[int, dict] = {}  # index -> record being built
-        retries: list[tuple[int, str]] = []
+        retries: list[int] = []  # indices with a rejected sample to redraw
         while queue or retries:
-            jobs = retries[: cfg.batch_size]
-            retries = retries[cfg.batch_size :]
+            # an index's pending slots always share a batch, so attempts advance in lockstep and a
+            # record never depends on how batches happened to be cut
+            jobs: list[tuple[int, str]] = []
+            while retries and len(jobs) < cfg.batch_size:
+                index = retries.pop(0)
+                jobs += [(index, s) for s in slots if s not in waiting[index]["outputs"]]
             while queue and len(jobs) < cfg.batch_size:
                 index, prompt = queue.pop(0)
                 record = plan_record(index, prompt, self.task, cfg, self.chat_template)
@@ -120,7 +124,7 @@ class Simulation:
                 [waiting[i]["actual_prompts"][s] for i, s in jobs], self.params,
                 [sample_seed(cfg.seed, i, s, waiting[i]["attempts"][s]) for i, s in jobs],
             )
-            finished = []
+            touched: list[int] = []
             for (index, slot), completion in zip(jobs, completions):
                 record = waiting[index]
                 self.tokens += completion.num_tokens
@@ -130,16 +134,17 @@ class Simulation:
                     record["outputs"][slot] = response
                 else:
                     record["rejections"][slot].append(reason)
-                    if record["attempts"][slot] < record["_limit"][slot]:
-                        retries.append((index, slot))
-                    elif record["status"] == "pending":
+                    if record["attempts"][slot] >= record["_limit"][slot]:
                         record["status"] = "failed"
+                if index not in touched:
+                    touched.append(index)
+            finished = []
+            for index in touched:
+                record = waiting[index]
                 if record["status"] == "pending" and len(record["outputs"]) == len(slots):
                     record["status"] = "ok"
-                if record["status"] != "pending" and index not in finished:
-                    finished.append(index)
+                (finished if record["status"] != "pending" else retries).append(index)
             done = [waiting.pop(i) for i in finished]
-            retries = [(i, s) for i, s in retries if i in waiting]
             if cfg.method != "rlcd":
                 self.judge([r for r in done if r["status"] == "ok"])
             for r in done:

