@@ -66,6 +66,8 @@ def encode_texts(tokenizer, texts: list[str], max_length: int | None) -> tuple[l
     Cutting on the left keeps the response and the end marker, where the score is read; the
     tokenizer keeps its special prefix (BOS) when it truncates.
     """
+    if not texts:  # e.g. no held-out pairs; fast tokenizers fail on an empty batch
+        return [], set()
     if max_length is None:
         max_length = tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else None
     ids = tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]  # verbose: no "too long" warning; we cut below

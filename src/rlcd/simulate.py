@@ -344,8 +344,8 @@ def run(args: argparse.Namespace) -> None:
         "seed": cfg.seed, "started_at": now(),
     }
     write_manifest(manifest_path, status="running", **base)
-    print(f"simulate {cfg.method}: {len(mine)} prompts in this slice, {len(mine) - len(todo) - sum(skipped.values()) + sum(prompts.skipped.values())} already done, "
-          f"{len(todo)} to do, {sum(skipped.values())} skipped", file=sys.stderr)
+    print(f"simulate {cfg.method}: {len(mine)} prompts in this slice, {sum(i in finished for i, _ in mine)} already done, "
+          f"{len(todo)} to do; skipped: {dict(skipped) or 'none'}", file=sys.stderr)
 
     started = time.time()
     progress = Progress(len(todo), started)

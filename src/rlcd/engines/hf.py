@@ -26,6 +26,7 @@ class HFEngine:
         self.device = next(model.parameters()).device
         self.context_length = getattr(model.config, "max_position_embeddings", None)
         self._banned_cache: dict[tuple[str, ...], torch.Tensor] = {}
+        self._enders_cache: dict[tuple[str, ...], set[int]] = {}
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=True).input_ids)
@@ -35,14 +36,28 @@ class HFEngine:
         mask = enc.attention_mask.to(self.device)
         return enc.input_ids.to(self.device), mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
+    def _vocab_texts(self) -> list[str]:
+        if not hasattr(self, "_texts"):
+            pieces = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+            self._texts = [self.tokenizer.convert_tokens_to_string([t]) if t is not None else "" for t in pieces]
+        return self._texts
+
     def banned_token_ids(self, banned: tuple[str, ...]) -> torch.Tensor:
         """Every vocabulary token whose text contains a banned string."""
         if banned not in self._banned_cache:
-            vocab = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
-            texts = [self.tokenizer.convert_tokens_to_string([t]) if t is not None else "" for t in vocab]
-            ids = [i for i, t in enumerate(texts) if any(b in t for b in banned)]
+            ids = [i for i, t in enumerate(self._vocab_texts()) if any(b in t for b in banned)]
             self._banned_cache[banned] = torch.tensor(ids, dtype=torch.long, device=self.device)
         return self._banned_cache[banned]
+
+    def stop_enders(self, stop: tuple[str, ...]) -> set[int]:
+        """Tokens that can complete a stop string: the newest token must start with a non-empty suffix
+        of a stop string (or hold all of it). Only after such a token is the text decoded and searched."""
+        if stop not in self._enders_cache:
+            suffixes = {s[k:] for s in stop for k in range(len(s))}
+            self._enders_cache[stop] = {
+                i for i, t in enumerate(self._vocab_texts()) if any(t.startswith(x) for x in suffixes) or any(s in t for s in stop)
+            }
+        return self._enders_cache[stop]
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int]) -> list[Completion]:
@@ -59,12 +74,14 @@ class HFEngine:
         input_ids, mask, positions = self._encode(prompts)
         banned = self.banned_token_ids(params.banned) if params.banned else None
         eos = set(_eos_ids(self.model, self.tokenizer)) if params.stop_at_eos else set()
+        enders = self.stop_enders(params.stop) if params.stop else set()
         seeds_t = torch.tensor(seeds, dtype=torch.int64, device=self.device)
         live = list(range(len(prompts)))  # original row of each row still in the batch
         tokens: list[list[int]] = [[] for _ in prompts]
         done: list[Completion | None] = [None] * len(prompts)
 
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        # logits_to_keep=1: the vocabulary projection of every prompt position would cost more than the prompt itself
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         cache, next_pos = out.past_key_values, positions[:, -1:] + 1
         for step in range(params.max_new_tokens):
             logits = out.logits[:, -1, :].float()
@@ -78,7 +95,7 @@ class HFEngine:
                     done[i] = self._finish(tokens[i], params, "eos")
                     continue
                 tokens[i].append(tok)
-                text = self._stopped_text(tokens[i], params.stop)
+                text = self._stopped_text(tokens[i], params.stop) if tok in enders else None
                 if text is not None:
                     done[i] = Completion(text, "stop", len(tokens[i]))
                 elif len(tokens[i]) >= params.max_new_tokens:
@@ -121,7 +138,7 @@ class HFEngine:
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             input_ids, mask, positions = self._encode([prompts[i] for i in chunk])
-            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits[:, -1, :]
+            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1, :]
             logprobs = logits.float().log_softmax(-1)[:, ids].tolist()
             for i, lp in zip(chunk, logprobs):
                 results[i] = lp
