@@ -296,3 +296,19 @@ def test_default_model_kill_9_then_resume_equals_uninterrupted_run(tmp_path, def
     resumed = run_cli(*args, "--out-dir", cut)
     assert resumed.returncode == 0, resumed.stderr
     assert records(cut) == records(tmp_path / "full")
+
+
+@pytest.mark.slow
+def test_accelerate_launch_splits_indices_over_processes(tmp_path, tiny_model_dir):
+    """Two processes under `accelerate launch` (CPU here) write one shard each; together they hold
+    exactly the records of a one-process run."""
+    args = ["simulate", "--prompts-file", str(EXAMPLE_PROMPTS), "--model", tiny_model_dir, "--max-new-tokens", "6",
+            "--max-attempts", "2", "--accept-eos"]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rlcd"]
+    two = subprocess.run([*launcher, *args, "--out-dir", str(tmp_path / "two")], capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "two").glob("records-*")) == ["records-r0-of-2.jsonl", "records-r1-of-2.jsonl"]
+    one = run_cli(*args, "--out-dir", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    assert records(tmp_path / "two") == records(tmp_path / "one") and len(records(tmp_path / "one")) == 20
