@@ -31,6 +31,9 @@ from rlcd.files import UserError, append_lines, load_shard, now, write_manifest
 from rlcd.tasks import Task, load_task
 
 SLOTS = {"rlcd": ("chosen", "rejected"), "rlaif": ("A", "B"), "rlcd_rescore": ("A", "B")}
+ROUND_BATCHES = 4
+"""Samples handed to the engine per round, in batches: the fast engine refills finished slots from the
+round, so a round of several batches keeps its batch full; records are written after every round."""
 
 
 @dataclass
@@ -109,10 +112,11 @@ class Simulation:
             # an index's pending slots always share a batch, so attempts advance in lockstep and a
             # record never depends on how batches happened to be cut
             jobs: list[tuple[int, str]] = []
-            while retries and len(jobs) < cfg.batch_size:
+            per_round = cfg.batch_size * ROUND_BATCHES
+            while retries and len(jobs) < per_round:
                 index = retries.pop(0)
                 jobs += [(index, s) for s in slots if s not in waiting[index]["outputs"]]
-            while queue and len(jobs) < cfg.batch_size:
+            while queue and len(jobs) < per_round:
                 index, prompt = queue.pop(0)
                 record = plan_record(index, prompt, self.task, cfg, self.chat_template)
                 before = previous.get(index, {}).get("attempts", {})
@@ -222,6 +226,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--base-url", help="server URL for --backend openai, e.g. http://127.0.0.1:8000/v1")
     g.add_argument("--api-model", help="model name on the server for --backend openai")
     g.add_argument("--concurrency", type=int, default=16, help="requests in flight for --backend openai (default 16)")
+    g.add_argument("--engine", default="auto", choices=["auto", "fast", "hf"],
+                   help="in-process engine for --backend hf: fast (continuous batching, CUDA graphs on GPU), hf (plain decode loop); auto = fast on GPU, hf on CPU")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the GPU of this process if any, else cpu)")
     g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     g = p.add_argument_group("sampling")
@@ -273,7 +279,12 @@ def make_engine(args) -> tuple[Engine, dict]:
     from rlcd.models import load_causal_lm, resolve_model
 
     model, tokenizer = load_causal_lm(args.model, args.device, args.dtype)
-    info = {"backend": "hf", "model": args.model, "path": resolve_model(args.model), "device": str(model.device), "dtype": str(model.dtype)}
+    kind = args.engine if args.engine != "auto" else ("fast" if model.device.type == "cuda" else "hf")
+    info = {"backend": "hf", "engine": kind, "model": args.model, "path": resolve_model(args.model), "device": str(model.device), "dtype": str(model.dtype)}
+    if kind == "fast":
+        from rlcd.engines.fast import FastEngine
+
+        return FastEngine(model, tokenizer, batch_size=args.batch_size), info
     return HFEngine(model, tokenizer, batch_size=args.batch_size), info
 
 

@@ -1,0 +1,393 @@
+"""Faster in-process engine: continuous batching over fixed KV-cache slots.
+
+`HFEngine` runs batches the way `generate` does, so a batch's decode steps get
+cheaper as rows finish but never fuller. Here the batch is `batch_size` slots of
+a preallocated KV cache; when a row finishes (EOS, stop string or length) its slot
+is refilled with the next waiting prompt, so the decode batch stays full until the
+queue runs dry.
+
+- Slots are independent: slot b holds its prompt's keys/values in columns
+  [start_b, end_b) of its own row of the cache (left padding from the prefill sits
+  before start_b), and each decode step writes column end_b. Nothing is shared
+  between rows, so no compaction is ever needed.
+- Prefill runs the waiting prompts (longest first, a few at a time) through the
+  plain model exactly as `HFEngine` does, then copies their keys/values into the
+  free slots.
+- The decode step calls the model with our own cache object and attention
+  function: on CUDA a small Triton kernel reads only each row's live columns
+  (a padded static cache would read every slot's full length); elsewhere SDPA
+  with a per-row mask over the columns in use.
+- On CUDA the whole step (model, banned tokens, sampling, advancing the slot
+  state) is compiled with torch.compile and captured once as a CUDA graph; each
+  step is then one graph replay plus one small transfer of the sampled ids.
+- Without CUDA graphs (CPU) a step costs what its rows cost, so once nothing
+  waits the idle slots are dropped (the live rows' cache is compacted, at most
+  log2(batch) times).
+- Sampling is `sampling.sample` with each row's own seed and step, so a
+  completion is still a pure function of (prompt, seed).
+
+For decoder-only models with full attention and the usual transformers layout
+(Llama, Qwen2, SmolLM, ...); the decode step routes the model's attention to
+`_slot_attention` through transformers' AttentionInterface, prefill does not.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import deque
+from contextlib import contextmanager
+from typing import Sequence
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from rlcd.engines import Completion, SamplingParams
+from rlcd.engines.hf import HFEngine, _eos_ids
+from rlcd.engines.sampling import sample
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the SDPA path is used
+    triton = None
+
+PREFILL_TOKENS = 8192
+"""Most prompt tokens (padding included) in one prefill call: bounds the prefill's own KV cache and activations."""
+
+_ATTN = "rlcd_slots"
+
+
+class FastEngine(HFEngine):
+    name = "fast"
+
+    def __init__(self, model, tokenizer, batch_size: int = 32):
+        super().__init__(model, tokenizer, batch_size)
+        types = getattr(model.config, "layer_types", None) or []
+        if any(t != "full_attention" for t in types):
+            raise ValueError("FastEngine supports decoder models whose layers all use full attention")
+        self.on_cuda = self.device.type == "cuda"
+        self._slots: _Slots | None = None
+        self._graph = None
+        self._graph_key = None
+        # compiling fuses the many small per-layer kernels; the CUDA graph removes their launch cost
+        self._forward = torch.compile(self._decode_forward, dynamic=False) if self.on_cuda else self._decode_forward
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int]) -> list[Completion]:
+        if not prompts:
+            return []
+        ids = self.tokenizer(list(prompts), add_special_tokens=True).input_ids
+        if params.max_new_tokens <= 0:
+            return [Completion("", "length", 0) for _ in prompts]
+        # one column more than any row needs: idle slots park there
+        self._reserve(min(self.batch_size, len(prompts)), max(map(len, ids)) + params.max_new_tokens + 1)
+        slots = self._slots
+        banned = self.banned_token_ids(params.banned) if params.banned else None
+        banned = banned if banned is not None and len(banned) else None
+        eos = set(_eos_ids(self.model, self.tokenizer)) if params.stop_at_eos else set()
+        if self.on_cuda:
+            self._capture(params, banned)
+        slots.park(range(slots.batch))
+
+        # longest first: prompts prefilled together have similar lengths
+        waiting = deque(sorted(range(len(prompts)), key=lambda i: -len(ids[i])))
+        occupant: list[int | None] = [None] * slots.batch  # prompt index in each slot
+        tokens: list[list[int]] = [[] for _ in prompts]
+        results: list[Completion | None] = [None] * len(prompts)
+        # on a GPU a prefill costs about a decode step (both read every weight): batch the refills
+        refill_at = max(1, slots.batch // 8) if self.on_cuda else 1
+
+        def take(slots_and_tokens) -> None:
+            ended = []
+            for slot, tok in slots_and_tokens:
+                i = occupant[slot]
+                if i is None:
+                    continue
+                done = self._take(tok, tokens[i], params, eos)
+                if done is not None:
+                    results[i], occupant[slot] = done, None
+                    ended.append(slot)
+            slots.park(ended)
+
+        while True:
+            free = [s for s in range(slots.batch) if occupant[s] is None]
+            busy = len(free) < slots.batch
+            if waiting and free and (len(free) >= refill_at or len(waiting) <= len(free) or not busy):
+                admitted = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
+                first = self._admit(free, [ids[i] for i in admitted], [seeds[i] for i in admitted], params, banned)
+                for slot, i in zip(free, admitted):
+                    occupant[slot] = i
+                take(zip(free, first))  # the first token can already end a row
+                continue
+            if not busy:
+                break
+            if free and not waiting and not self.on_cuda and len(free) >= slots.batch // 2:
+                # without CUDA graphs a step costs what its rows cost: drop the idle slots once nothing waits
+                keep = [s for s in range(slots.batch) if occupant[s] is not None]
+                slots.keep(keep)
+                occupant = [occupant[s] for s in keep]
+            take(enumerate(self._decode_step(params, banned)))
+        return results  # type: ignore[return-value]
+
+    def _take(self, tok: int, tokens: list[int], params: SamplingParams, eos: set[int]) -> Completion | None:
+        """Add a sampled token to a row; its Completion when that ends the row (same rules as HFEngine)."""
+        if tok in eos:
+            return self._finish(tokens, params, "eos")
+        tokens.append(tok)
+        text = self._stopped_text(tokens, params.stop)
+        if text is not None:
+            return Completion(text, "stop", len(tokens))
+        if len(tokens) >= params.max_new_tokens:
+            return self._finish(tokens, params, "length")
+        return None
+
+    def _reserve(self, batch: int, length: int) -> None:
+        """Make sure the slot cache has `batch` rows of at least `length` columns."""
+        if self.on_cuda:
+            batch = self.batch_size  # one shape for the compiled step, whatever the number of prompts
+            length = -(-length // 64) * 64  # fewer distinct shapes, fewer recompiles
+        if self._slots is not None and self._slots.batch == batch and self._slots.length >= length:
+            return
+        self._slots = self._graph = self._graph_key = None
+        if self.on_cuda:
+            torch.cuda.empty_cache()
+        self._slots = _Slots(self.model, batch, length)
+
+    def _admit(self, slots: list[int], prompts: list[list[int]], seeds: list[int], params, banned) -> list[int]:
+        """Prefill prompts (sorted longest first) into free slots; returns each one's first sampled token."""
+        first: list[int] = []
+        done = 0
+        while done < len(prompts):
+            width = len(prompts[done])  # the longest of this chunk
+            n = 1
+            # a chunk takes prompts at least 3/4 as long as its longest: padding stays under a quarter of it
+            while done + n < len(prompts) and (n + 1) * width <= PREFILL_TOKENS and 4 * len(prompts[done + n]) >= 3 * width:
+                n += 1
+            chunk = prompts[done : done + n]
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=self.device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=self.device)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+            rows = torch.tensor(slots[done : done + n], device=self.device)
+            self._slots.load(rows, out.past_key_values, [width - len(p) for p in chunk], width)
+            logits = out.logits[:, -1, :].float()
+            if banned is not None:
+                logits.index_fill_(1, banned, float("-inf"))
+            seeds_t = torch.tensor(seeds[done : done + n], dtype=torch.int64, device=self.device)
+            chosen = sample(logits, seeds_t, 0, params.temperature, params.top_k, params.top_p)
+            self._slots.start_rows(rows, chosen, seeds_t)
+            first += chosen.tolist()
+            done += n
+        return first
+
+    def _decode_step(self, params, banned) -> list[int]:
+        if self._graph is not None:
+            self._graph.replay()
+        else:
+            self._step(params, banned)
+        return self._slots.next_ids.tolist()  # the one device-to-host transfer per step
+
+    def _step(self, params, banned) -> None:
+        """One decode step for every slot, entirely on the device (this is what the CUDA graph holds)."""
+        s = self._slots
+        with self._slot_attention():
+            logits = self._forward(s.input_ids, s.start, s.write_col)
+        if banned is not None:
+            logits.index_fill_(1, banned, float("-inf"))
+        with warnings.catch_warnings():
+            # a tensor of per-row steps (rather than one int) keeps the step on the device: sample() copies it
+            warnings.simplefilter("ignore", UserWarning)
+            chosen = sample(logits, s.seeds, s.steps, params.temperature, params.top_k, params.top_p)
+        s.advance(chosen)
+
+    def _decode_forward(self, input_ids, start, write_col):
+        # rows whose prompt was left padded still count positions from their first real token
+        end = write_col + 1
+        kv_len = self._slots.length if self.on_cuda else int(end.max())  # on CPU skip the unused columns
+        out = self.model(input_ids=input_ids, position_ids=(write_col - start)[:, None], past_key_values=self._slots,
+                         use_cache=True, rlcd_slots=(start, end, kv_len))
+        return out.logits[:, -1, :].float()
+
+    @contextmanager
+    def _slot_attention(self):
+        """Route the model's attention to `_slot_attention` (prefill keeps the model's own)."""
+        config = self.model.config
+        own = config._attn_implementation
+        config._attn_implementation = _ATTN
+        try:
+            yield
+        finally:
+            config._attn_implementation = own
+
+    def _capture(self, params, banned) -> None:
+        """Capture the decode step as a CUDA graph (once per slot cache and sampling settings)."""
+        key = (params.temperature, params.top_k, params.top_p, params.banned)
+        if self._graph_key == key:
+            return
+        self._graph, self._graph_key = None, key
+        with torch.cuda.device(self.device):  # streams and graphs belong to the model's GPU
+            self._graph = self._capture_step(params, banned)
+
+    def _capture_step(self, params, banned):
+        """Warm up (the first call compiles) and capture one step; None if it cannot be captured."""
+        s = self._slots
+        s.park(range(s.batch))
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            try:
+                for _ in range(2):  # the first call compiles; warm-up must precede capture
+                    self._step(params, banned)
+            except Exception as e:  # noqa: BLE001 - still correct, only slower
+                warnings.warn(f"FastEngine: torch.compile failed ({type(e).__name__}: {e}); decoding without it")
+                self._forward = self._decode_forward
+                for _ in range(2):
+                    self._step(params, banned)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self._step(params, banned)
+        except Exception as e:  # noqa: BLE001 - still correct, only slower
+            warnings.warn(f"FastEngine: CUDA graph capture failed ({type(e).__name__}: {e}); decoding without it")
+            return None
+        return graph
+
+
+class _Slots:
+    """The slot KV cache and per-slot decoding state; also the cache object the model writes into while decoding.
+
+    All state lives in fixed device tensors that the decode step reads and advances
+    in place, so a captured CUDA graph can replay it.
+    """
+
+    def __init__(self, model, batch: int, length: int):
+        config = model.config
+        param = next(model.parameters())
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        shape, dev = (batch, heads, length, head_dim), param.device
+        self.keys = [torch.zeros(shape, dtype=param.dtype, device=dev) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=param.dtype, device=dev) for _ in range(config.num_hidden_layers)]
+        self.batch, self.length = batch, length
+        self.rows = torch.arange(batch, device=dev)
+        self.input_ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        self.start = torch.zeros(batch, dtype=torch.long, device=dev)  # first live column
+        self.write_col = torch.zeros(batch, dtype=torch.long, device=dev)  # this step's column
+        self.steps = torch.zeros(batch, dtype=torch.long, device=dev)  # tokens sampled so far
+        self.seeds = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.next_ids = torch.zeros(batch, dtype=torch.long, device=dev)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        """Cache interface: store this step's key/value at each row's own column; return the whole cache."""
+        self.keys[layer_idx][self.rows, :, self.write_col] = key_states[:, :, 0]
+        self.values[layer_idx][self.rows, :, self.write_col] = value_states[:, :, 0]
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def load(self, rows, prefill_cache, pads: list[int], width: int) -> None:
+        """Copy a left-padded prefill's keys/values (width columns) into slots `rows`."""
+        for layer, (keys, values) in enumerate(zip(self.keys, self.values)):
+            keys[rows, :, :width] = prefill_cache.layers[layer].keys
+            values[rows, :, :width] = prefill_cache.layers[layer].values
+        self.start[rows] = torch.tensor(pads, device=rows.device)
+        self.write_col[rows] = width
+
+    def start_rows(self, rows, first_ids, seeds) -> None:
+        self.input_ids[rows, 0] = first_ids
+        self.seeds[rows] = seeds
+        self.steps[rows] = 1
+
+    def keep(self, rows: list[int]) -> None:
+        """Shrink to the slots `rows` (in that order)."""
+        idx = torch.tensor(rows, device=self.rows.device)
+        self.keys = [k[idx] for k in self.keys]
+        self.values = [v[idx] for v in self.values]
+        for name in ("input_ids", "start", "write_col", "steps", "seeds", "next_ids"):
+            setattr(self, name, getattr(self, name)[idx])
+        self.batch = len(rows)
+        self.rows = torch.arange(self.batch, device=idx.device)
+
+    def park(self, rows) -> None:
+        """Idle slots attend to one column at the far end, which no row ever reaches."""
+        rows = torch.as_tensor(list(rows), dtype=torch.long).to(self.rows.device)
+        if len(rows):
+            self.start[rows] = self.length - 1
+            self.write_col[rows] = self.length - 1
+
+    def advance(self, chosen) -> None:
+        self.next_ids.copy_(chosen)
+        self.input_ids.copy_(chosen[:, None])
+        # a live row never reaches the last column; parked rows stay there
+        self.write_col.add_(1).clamp_(max=self.length - 1)
+        self.steps.add_(1)
+
+
+def _slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, rlcd_slots=None, **kwargs):
+    """Attention of one new token per row over that row's live columns [start, end) of the slot cache."""
+    start, end, kv_len = rlcd_slots
+    if query.is_cuda and triton is not None:
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        out = torch.ops.rlcd.slot_attention(query[:, :, 0].contiguous(), key, value, start, end, scale)
+        return out[:, None], None
+    cols = torch.arange(kv_len, device=query.device)
+    mask = ((cols >= start[:, None]) & (cols < end[:, None]))[:, None, None, :]
+    return sdpa_attention_forward(module, query, key[:, :, :kv_len], value[:, :, :kv_len], mask, scaling=scaling, dropout=0.0)
+
+
+AttentionInterface.register(_ATTN, _slot_attention)
+
+
+@torch.library.custom_op("rlcd::slot_attention", mutates_args=())
+def slot_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, start: torch.Tensor, end: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    """query [B, H, D]; key, value [B, H_kv, L, D]; row b attends to columns [start[b], end[b]). Returns [B, H, D]."""
+    batch, heads, dim = query.shape
+    out = torch.empty_like(query)
+    _slot_attention_kernel[(batch, heads)](
+        query, key, value, out, start, end, scale,
+        key.stride(0), key.stride(1), key.stride(2), value.stride(0), value.stride(1), value.stride(2),
+        HEADS=heads, GROUP=heads // key.shape[1], DIM=dim, DIM_P=triton.next_power_of_2(dim), BLOCK=64,
+    )
+    return out
+
+
+@slot_attention.register_fake
+def _(query, key, value, start, end, scale):
+    return torch.empty_like(query)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _slot_attention_kernel(Q, K, V, Out, Start, End, scale, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh,
+                               stride_vl, HEADS: tl.constexpr, GROUP: tl.constexpr, DIM: tl.constexpr,
+                               DIM_P: tl.constexpr, BLOCK: tl.constexpr):
+        # one program per (row, query head): stream the row's live keys/values once, online softmax
+        row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: a large slot cache passes 2**31 elements
+        head = tl.program_id(1)
+        start = tl.load(Start + row)
+        end = tl.load(End + row)
+        dims = tl.arange(0, DIM_P)
+        in_dim = dims < DIM
+        q = tl.load(Q + (row * HEADS + head) * DIM + dims, mask=in_dim, other=0.0).to(tl.float32) * scale
+        k_row = K + row * stride_kb + (head // GROUP) * stride_kh
+        v_row = V + row * stride_vb + (head // GROUP) * stride_vh
+        best = tl.full([1], float("-inf"), tl.float32)
+        total = tl.zeros([1], tl.float32)
+        acc = tl.zeros([DIM_P], tl.float32)
+        for first in range(start, end, BLOCK):
+            cols = first + tl.arange(0, BLOCK)
+            live = cols < end
+            both = live[:, None] & in_dim[None, :]
+            k = tl.load(k_row + cols[:, None] * stride_kl + dims[None, :], mask=both, other=0.0).to(tl.float32)
+            scores = tl.where(live, tl.sum(k * q[None, :], axis=1), float("-inf"))
+            new_best = tl.maximum(best, tl.max(scores, axis=0))
+            p = tl.exp(scores - new_best)
+            shrink = tl.exp(best - new_best)
+            v = tl.load(v_row + cols[:, None] * stride_vl + dims[None, :], mask=both, other=0.0).to(tl.float32)
+            total = total * shrink + tl.sum(p, axis=0)
+            acc = acc * shrink + tl.sum(p[:, None] * v, axis=0)
+            best = new_best
+        tl.store(Out + (row * HEADS + head) * DIM + dims, (acc / total).to(Out.dtype.element_ty), mask=in_dim)

@@ -1,0 +1,201 @@
+"""FastEngine (continuous batching over KV-cache slots) against HFEngine and plain `generate`."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from rlcd.engines import SamplingParams
+from rlcd.engines.fast import FastEngine
+from rlcd.engines.hf import HFEngine
+from rlcd.models import load_causal_lm
+
+# different lengths (so different left padding), more prompts than FastEngine's 3 slots
+PROMPTS = [
+    "Human: How do I bake bread?\n\nAssistant:",
+    "Hi",
+    "Human: Hi\n\nAssistant: Hello! How can I help?\n\nHuman: Why do some people hate cats so much?\n\nAssistant:",
+    "Tell me a story.",
+    "Human: " + "Please list every prime number below one hundred, with a short note on each. " * 4 + "\n\nAssistant:",
+    "x y z",
+    "Human: What is the capital of France?\n\nAssistant: Paris.\n\nHuman: And of Italy?\n\nAssistant:",
+]
+SEEDS = [5, 6, 7, 8, 9, 10, 11]
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model_dir):
+    model, tokenizer = load_causal_lm(tiny_model_dir, device="cpu")
+    return HFEngine(model, tokenizer, batch_size=8), FastEngine(model, tokenizer, batch_size=3)
+
+
+@pytest.fixture
+def eos_on_some_rows(engines):
+    """Force EOS whenever a row's top token id is a multiple of 7: rows end at different steps, decided by their own logits."""
+    hf, _ = engines
+    eos = hf.tokenizer.eos_token_id
+
+    def push_eos(module, inputs, logits):
+        logits[..., eos] += torch.where(logits.argmax(-1) % 7 == 0, 1e4, 0.0)
+        return logits
+
+    hook = hf.model.lm_head.register_forward_hook(push_eos)
+    yield
+    hook.remove()
+
+
+def test_greedy_equals_hf_engine_and_plain_generate(engines):
+    hf, fast = engines
+    params = SamplingParams(max_new_tokens=20, temperature=0, stop_at_eos=False)
+    ours = fast.generate(PROMPTS, params, SEEDS)
+    assert ours == hf.generate(PROMPTS, params, SEEDS)
+    tok = hf.tokenizer
+    for prompt, completion in zip(PROMPTS, ours):
+        enc = tok(prompt, return_tensors="pt")
+        ref = hf.model.generate(**enc, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id)
+        assert completion.text == tok.decode(ref[0, enc.input_ids.shape[1]:])
+        assert completion.finish_reason == "length" and completion.num_tokens == 20
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_new_tokens=30, temperature=0),
+    SamplingParams(max_new_tokens=30, temperature=1.0, top_k=50),
+    SamplingParams(max_new_tokens=30, temperature=0.7, top_k=0, top_p=0.9),
+], ids=["greedy", "top-k", "top-p"])
+def test_rows_ending_early_refill_their_slots(engines, eos_on_some_rows, params):
+    hf, fast = engines
+    ours = fast.generate(PROMPTS, params, SEEDS)
+    assert ours == hf.generate(PROMPTS, params, SEEDS)
+    lengths = {c.num_tokens for c in ours if c.finish_reason == "eos"}
+    assert len(lengths) >= 2, "rows should end at different steps"
+    assert any(c.finish_reason == "length" for c in ours) or len(lengths) >= 3
+
+
+def test_samples_do_not_depend_on_slots_or_neighbours(engines):
+    hf, fast = engines
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, top_k=50)
+    together = fast.generate(PROMPTS, params, SEEDS)
+    wide = FastEngine(hf.model, hf.tokenizer, batch_size=16).generate(PROMPTS[::-1], params, SEEDS[::-1])[::-1]
+    alone = [fast.generate([p], params, [s])[0] for p, s in zip(PROMPTS[:2], SEEDS[:2])]
+    assert together == wide and together[:2] == alone
+    assert fast.generate(PROMPTS[:1], params, [99])[0] != together[0]
+
+
+def test_stop_strings_and_banned_tokens(engines):
+    hf, fast = engines
+    stop_ids = hf.tokenizer("\nHuman", add_special_tokens=False).input_ids
+
+    def push_stop_tokens(module, inputs, logits):
+        logits[..., stop_ids] += 12.0
+        return logits
+
+    hook = hf.model.lm_head.register_forward_hook(push_stop_tokens)
+    try:
+        params = SamplingParams(max_new_tokens=40, temperature=1.0, top_k=0, stop=("\nHuman",), banned=("`", "Human:"))
+        ours = fast.generate(PROMPTS, params, SEEDS)
+        assert ours == hf.generate(PROMPTS, params, SEEDS)
+    finally:
+        hook.remove()
+    assert sum(c.finish_reason == "stop" for c in ours) >= 4
+    for c in ours:
+        assert "`" not in c.text and "Human:" not in c.text
+        if c.finish_reason == "stop":
+            assert c.text.endswith("\nHuman") and c.text.count("\nHuman") == 1
+
+
+def test_edge_cases(engines):
+    _, fast = engines
+    assert fast.generate([], SamplingParams(), []) == []
+    one = fast.generate(PROMPTS[:4], SamplingParams(max_new_tokens=1, temperature=0, stop_at_eos=False), SEEDS[:4])
+    assert all(c.num_tokens == 1 and c.finish_reason == "length" for c in one)
+
+
+def test_next_token_logprobs_equal_hf_engine(engines):
+    hf, fast = engines
+    prompts = [p + " (A) yes (B) no. The answer is: (" for p in PROMPTS]
+    ours, ids = fast.next_token_logprobs(prompts, ["A", "B"])
+    theirs, hf_ids = hf.next_token_logprobs(prompts, ["A", "B"])
+    assert ids == hf_ids
+    # batches of 3 and of 8 pad differently: equal up to float noise
+    assert torch.allclose(torch.tensor(ours), torch.tensor(theirs), atol=1e-5)
+
+
+class IdTokenizer:
+    """Texts are space-separated token ids: a random model needs no real tokenizer."""
+
+    padding_side, bos_token_id, eos_token_id, pad_token_id = "left", 1, 2, 2
+
+    def __call__(self, texts, return_tensors=None, padding=False, add_special_tokens=True):
+        ids = [[int(t) for t in text.split()] for text in texts]
+        if return_tensors != "pt":
+            return SimpleNamespace(input_ids=ids)
+        width = max(map(len, ids))
+        return SimpleNamespace(input_ids=torch.tensor([[2] * (width - len(x)) + x for x in ids]),
+                               attention_mask=torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids]))
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the compiled, graph-captured step and the Triton kernel need a GPU"))])
+def test_matches_hf_engine_on_each_device(device):
+    """On a GPU this covers what the CPU tests cannot: torch.compile, the CUDA graph and the Triton attention."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = LlamaForCausalLM(config).to(device).eval()
+    gen = torch.Generator().manual_seed(0)
+    prompts = [" ".join(map(str, torch.randint(3, 512, (n,), generator=gen).tolist())) for n in (3, 40, 17, 5, 29, 9, 33, 12, 21)]
+    hf, fast = HFEngine(model, IdTokenizer(), batch_size=16), FastEngine(model, IdTokenizer(), batch_size=4)
+
+    def push_eos(module, inputs, logits):
+        logits[..., 2] += torch.where(logits.argmax(-1) % 7 == 0, 1e4, 0.0)
+        return logits
+
+    hook = model.lm_head.register_forward_hook(push_eos)
+    try:
+        for params in (SamplingParams(max_new_tokens=24, temperature=0), SamplingParams(max_new_tokens=24, temperature=1.0, top_k=20)):
+            seeds = list(range(len(prompts)))
+            assert fast.generate(prompts, params, seeds) == hf.generate(prompts, params, seeds)
+            # again: the captured graph is replayed, not rebuilt
+            assert fast.generate(prompts[::-1], params, seeds[::-1]) == hf.generate(prompts[::-1], params, seeds[::-1])
+    finally:
+        hook.remove()
+
+
+KERNEL_CHECK = textwrap.dedent("""
+    import torch
+    from rlcd.engines import fast
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    for batch, heads, kv_heads, dim, length in [(3, 4, 2, 8, 70), (2, 3, 3, 80, 130)]:
+        q = torch.randn(batch, heads, dim, device=device)
+        k, v = torch.randn(2, batch, kv_heads, length, dim, device=device)
+        start = torch.tensor([0, 5, 60][:batch], device=device)
+        end = torch.tensor([70, 66, 61][:batch], device=device)
+        out = torch.ops.rlcd.slot_attention(q, k, v, start, end, dim ** -0.5)
+        group = heads // kv_heads
+        cols = torch.arange(length, device=device)
+        mask = ((cols >= start[:, None]) & (cols < end[:, None]))[:, None, None]
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, None], k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask)[:, :, 0]
+        assert (out - ref).abs().max() < 1e-4, (out - ref).abs().max()
+""")
+
+
+def test_triton_decode_attention_matches_sdpa():
+    """The CUDA attention kernel (on the GPU, or in Triton's interpreter on CPU) against masked SDPA."""
+    pytest.importorskip("triton")
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"  # read when the kernel is defined, so in a fresh process
+    result = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
