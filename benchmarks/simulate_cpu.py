@@ -66,8 +66,13 @@ def baseline(model, tokenizer, records, cfg, batch_size=16):
     return {"seconds": round(elapsed, 1), "pairs": pairs, "pairs_per_s": pairs / elapsed, "sampled_tokens": tokens, "tokens_per_s": tokens / elapsed}
 
 
-def ours(model, tokenizer, items, task, cfg):
-    engine = HFEngine(model, tokenizer, batch_size=cfg.batch_size)
+def ours(model, tokenizer, items, task, cfg, engine_name):
+    if engine_name == "fast":
+        from rlcd.engines.fast import FastEngine
+
+        engine = FastEngine(model, tokenizer, batch_size=cfg.batch_size)
+    else:
+        engine = HFEngine(model, tokenizer, batch_size=cfg.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         sim = Simulation(engine, task, cfg, Path(tmp) / "records.jsonl")
         start = time.time()
@@ -83,6 +88,7 @@ def main():
     p.add_argument("--max-new-tokens", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=32, help="our batch size (the baseline keeps the original's 16)")
     p.add_argument("--model", default="smollm2")
+    p.add_argument("--engine", default="hf", choices=["hf", "fast"], help="our engine (rlcd simulate's --engine)")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/simulate_cpu.json"))
     args = p.parse_args()
 
@@ -93,7 +99,7 @@ def main():
     items = dialogue.load_prompts(args.prompts_file).items[: args.num_prompts]
     records = [plan_record(i, prompt, task, cfg) for i, prompt in items]
 
-    results = {"ours": ours(model, tokenizer, items, task, cfg), "baseline_generate_b16": baseline(model, tokenizer, records, cfg)}
+    results = {"ours": ours(model, tokenizer, items, task, cfg, args.engine), "baseline_generate_b16": baseline(model, tokenizer, records, cfg)}
     speedup = results["ours"]["pairs_per_s"] / max(results["baseline_generate_b16"]["pairs_per_s"], 1e-12)
     print(f"{'':28}{'pairs':>7}{'seconds':>9}{'pairs/s':>10}{'tokens/s':>10}")
     for name, r in results.items():
