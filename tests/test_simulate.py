@@ -312,3 +312,31 @@ def test_accelerate_launch_splits_indices_over_processes(tmp_path, tiny_model_di
     one = run_cli(*args, "--out-dir", tmp_path / "one")
     assert one.returncode == 0, one.stderr
     assert records(tmp_path / "two") == records(tmp_path / "one") and len(records(tmp_path / "one")) == 20
+
+
+def test_chat_style_and_fast_engine_through_the_cli(tmp_path, tiny_model_dir, task_file, prompts_file):
+    base = ["simulate", "--prompts-file", str(prompts_file), "--task", str(task_file), "--model", tiny_model_dir,
+            "--max-new-tokens", "6", "--max-attempts", "2", "--max-prompts", "4"]
+    main([*base, "--prompt-style", "chat", "--out-dir", str(tmp_path / "chat")])
+    rec = records(tmp_path / "chat")[0]
+    d = rec["descriptor_index"]
+    chosen = rec["actual_prompts"]["chosen"]
+    assert f"The reply is: good {['one', 'two'][d]}." in chosen and "<|im_start|>assistant" in chosen
+    assert "Question number 0?" in chosen and "Human:" not in chosen
+    # the fast engine gives the same records as the plain loop on CPU
+    main([*base, "--engine", "fast", "--out-dir", str(tmp_path / "fast")])
+    main([*base, "--engine", "hf", "--out-dir", str(tmp_path / "hf")])
+    assert records(tmp_path / "fast") == records(tmp_path / "hf")
+    assert json.loads((tmp_path / "fast" / "manifest-r0-of-1.json").read_text())["engine"]["engine"] == "fast"
+
+
+def test_config_file_supplies_flags_and_command_line_wins(monkeypatch, tmp_path, task_file, prompts_file, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"prompts-file: {prompts_file}\ntask: {task_file}\nout_dir: {tmp_path / 'from-config'}\nmax-prompts: 3\n")
+    simulate_cli(monkeypatch, ScriptedEngine(), "--config", config, "--max-prompts", 2)
+    assert len(records(tmp_path / "from-config")) == 2
+    config.write_text("prompts-file: x.json\nbatch-sise: 4\n")
+    with pytest.raises(SystemExit) as e:
+        simulate_cli(monkeypatch, ScriptedEngine(), "--config", config)
+    assert e.value.code == 2
+    assert f"{config}: unknown key 'batch-sise'" in capsys.readouterr().err
