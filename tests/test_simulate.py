@@ -188,6 +188,9 @@ def test_retry_failed_continues_attempt_numbering(monkeypatch, tmp_path, task_fi
     for i in recovered:
         ok = next(r for r in by_index[i] if r["status"] == "ok")
         assert max(ok["attempts"].values()) == 2
+    table = tmp_path / "table.jsonl"
+    main(["consolidate", "--in-dir", str(out), "--out-csv", str(table), "--data-type", "rlcd"])
+    assert len(table.read_text().splitlines()) == sum(any(r["status"] == "ok" for r in rs) for rs in by_index.values())
 
 
 def test_sharding_arithmetic(monkeypatch):

@@ -40,7 +40,9 @@ def read_shards(in_dir: Path) -> tuple[list[dict], list[dict]]:
     by_index: dict[int, dict] = {}
     for path in paths:
         for record in load_shard(path):
-            by_index.setdefault(record["index"], record)
+            # a failed record is final unless a later --retry-failed run appended an ok one for the index
+            if record["index"] not in by_index or record["status"] == "ok":
+                by_index[record["index"]] = record
     manifests = []
     for path in sorted(in_dir.glob("manifest-*.json")):
         try:

@@ -365,8 +365,11 @@ def run(args: argparse.Namespace) -> None:
         counts = sim.run(todo, retried, progress.update)
     finally:
         progress.close()
-        records = [r for r in load_shard(shard)]
-        summary = shard_summary(records, SLOTS[cfg.method])
+        latest: dict[int, dict] = {}
+        for r in load_shard(shard):  # a --retry-failed run appends an ok record after the failed one
+            if r["index"] not in latest or r["status"] == "ok":
+                latest[r["index"]] = r
+        summary = shard_summary(list(latest.values()), SLOTS[cfg.method])
         summary["skipped"] = dict(skipped)
         status = "complete" if progress.done == len(todo) else "interrupted"
         write_manifest(manifest_path, status=status, finished_at=now(), counts=summary, **base)
