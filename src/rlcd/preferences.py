@@ -30,6 +30,15 @@ def order_rng(seed: int, index: int) -> random.Random:
     return random.Random(f"{seed}:{index}:order")
 
 
+def latest_records(records) -> dict[int, dict]:
+    """One record per index: a failed record is final unless a later --retry-failed run appended an ok one."""
+    by_index: dict[int, dict] = {}
+    for record in records:
+        if record["index"] not in by_index or record["status"] == "ok":
+            by_index[record["index"]] = record
+    return by_index
+
+
 def read_shards(in_dir: Path) -> tuple[list[dict], list[dict]]:
     """All records of a simulation directory in index order, and its shard manifests."""
     if not in_dir.is_dir():
@@ -37,12 +46,7 @@ def read_shards(in_dir: Path) -> tuple[list[dict], list[dict]]:
     paths = sorted(in_dir.glob("records-*.jsonl"))
     if not paths:
         raise UserError(f"{in_dir}: no records-*.jsonl shards (run rlcd simulate --out-dir {in_dir} first)")
-    by_index: dict[int, dict] = {}
-    for path in paths:
-        for record in load_shard(path):
-            # a failed record is final unless a later --retry-failed run appended an ok one for the index
-            if record["index"] not in by_index or record["status"] == "ok":
-                by_index[record["index"]] = record
+    by_index = latest_records(r for path in paths for r in load_shard(path))
     manifests = []
     for path in sorted(in_dir.glob("manifest-*.json")):
         try:

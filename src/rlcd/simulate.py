@@ -28,6 +28,7 @@ from pathlib import Path
 from rlcd import dialogue
 from rlcd.engines import Engine, SamplingParams
 from rlcd.files import UserError, append_lines, load_shard, now, write_manifest
+from rlcd.preferences import latest_records
 from rlcd.tasks import Task, load_task
 
 SLOTS = {"rlcd": ("chosen", "rejected"), "rlaif": ("A", "B"), "rlcd_rescore": ("A", "B")}
@@ -317,13 +318,13 @@ def run(args: argparse.Namespace) -> None:
     shard = out_dir / f"records-r{remainder}-of-{mod}.jsonl"
     manifest_path = out_dir / f"manifest-r{remainder}-of-{mod}.json"
 
-    previous: dict[int, dict] = {}
+    existing = []
     for path in sorted(out_dir.glob("records-*.jsonl")):
         for record in load_shard(path, repair=path == shard):
             if record.get("method") != cfg.method:
                 raise UserError(f"{path}: holds --method {record.get('method')} records; use another --out-dir for {cfg.method}")
-            if record["status"] == "ok" or record["index"] not in previous:
-                previous[record["index"]] = record
+            existing.append(record)
+    previous = latest_records(existing)
     finished = {i for i, r in previous.items() if r["status"] == "ok" or not cfg.retry_failed}
     todo = [(i, p) for i, p in mine if i not in finished]
     retried = {i: previous[i] for i, _ in todo if i in previous}
@@ -365,11 +366,7 @@ def run(args: argparse.Namespace) -> None:
         counts = sim.run(todo, retried, progress.update)
     finally:
         progress.close()
-        latest: dict[int, dict] = {}
-        for r in load_shard(shard):  # a --retry-failed run appends an ok record after the failed one
-            if r["index"] not in latest or r["status"] == "ok":
-                latest[r["index"]] = r
-        summary = shard_summary(list(latest.values()), SLOTS[cfg.method])
+        summary = shard_summary(list(latest_records(load_shard(shard)).values()), SLOTS[cfg.method])
         summary["skipped"] = dict(skipped)
         status = "complete" if progress.done == len(todo) else "interrupted"
         write_manifest(manifest_path, status=status, finished_at=now(), counts=summary, **base)
