@@ -22,17 +22,26 @@ STAGES = {
     "train-rm": ("rlcd.reward", "train a reward model on a preference table"),
     "eval-rm": ("rlcd.reward", "agreement of a reward model with human labels (hh-rlhf pairs)"),
     "score": ("rlcd.reward", "add reward-model scores to an outputs file"),
+    "format-prompts": ("rlcd.generate", "hh-rlhf dialogues or a prompt list -> a prompts file (dev/test split)"),
+    "generate": ("rlcd.generate", "one sampled output per prompt from a policy -> an outputs file"),
+    "postprocess": ("rlcd.generate", "clean an outputs file (cut at the next speaker turn)"),
+    "sft": ("rlcd.baselines", "context distillation: SFT on the preferred outputs of a preference table (TRL)"),
+    "dpo": ("rlcd.baselines", "DPO on a preference table (TRL)"),
+    "rloo": ("rlcd.baselines", "RLOO against a reward model (TRL)"),
+    "ppo": ("rlcd.ppo", "align a policy with PPO against a reward model"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only `command`'s module is imported (the others' flags are not needed to parse it)."""
     parser = argparse.ArgumentParser(prog="rlcd", description="RLCD: preference simulation and alignment.")
     parser.add_argument("--version", action="version", version=f"rlcd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in STAGES.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", help="YAML file of flag values; command-line flags override it")
-        importlib.import_module(module).add_arguments(p)
+        if name == command:
+            importlib.import_module(module).add_arguments(p)
         p.set_defaults(_module=module, _parser=p)
     return parser
 
@@ -74,7 +83,8 @@ def apply_config(args: argparse.Namespace, argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     try:
         apply_config(args, argv)
         importlib.import_module(args._module).run(args)

@@ -33,6 +33,8 @@ class Completion:
     finish_reason: str
     """"stop" (a stop string), "eos" (the model's end-of-sequence token) or "length"."""
     num_tokens: int
+    token_ids: tuple[int, ...] = ()
+    """The sampled token ids (in-process engines; empty from servers). The end-of-sequence token is not included."""
 
 
 class Engine(Protocol):

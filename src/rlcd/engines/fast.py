@@ -137,7 +137,7 @@ class FastEngine(HFEngine):
         tokens.append(tok)
         text = self._stopped_text(tokens, params.stop)
         if text is not None:
-            return Completion(text, "stop", len(tokens))
+            return Completion(text, "stop", len(tokens), tuple(tokens))
         if len(tokens) >= params.max_new_tokens:
             return self._finish(tokens, params, "length")
         return None

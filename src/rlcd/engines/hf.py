@@ -97,7 +97,7 @@ class HFEngine:
                 tokens[i].append(tok)
                 text = self._stopped_text(tokens[i], params.stop) if tok in enders else None
                 if text is not None:
-                    done[i] = Completion(text, "stop", len(tokens[i]))
+                    done[i] = Completion(text, "stop", len(tokens[i]), tuple(tokens[i]))
                 elif len(tokens[i]) >= params.max_new_tokens:
                     done[i] = self._finish(tokens[i], params, "length")
                 else:
@@ -116,7 +116,7 @@ class HFEngine:
         return [d if d is not None else self._finish(t, params, "length") for d, t in zip(done, tokens)]
 
     def _finish(self, tokens: list[int], params: SamplingParams, reason: str) -> Completion:
-        return Completion(self.tokenizer.decode(tokens), reason, len(tokens))
+        return Completion(self.tokenizer.decode(tokens), reason, len(tokens), tuple(tokens))
 
     def _stopped_text(self, tokens: list[int], stop: tuple[str, ...]) -> str | None:
         """The text cut right after the first stop string, or None when no stop string has appeared."""

@@ -1,0 +1,648 @@
+"""PPO against a reward model (method spec §6), in one file.
+
+One PPO step:
+
+1. Rollouts: `--rollouts` prompts (a seeded permutation of the prompt file, so a step's prompts
+   depend only on --seed and the step) are sampled from the current policy with the same
+   in-process engine as simulation, at temperature 1, no top-k/top-p, up to --max-new-tokens.
+2. Reward: each response is cut at the first "\\n\\nHuman:" and scored by the reward model as
+   prompt + " " + cut response + "\\n\\nHuman:" (`reward.format_rm_input`); a response without the
+   marker (or empty before it) gets -1 instead (with --accept-eos a response that ended with the
+   model's end-of-sequence token counts as ended). Scores are divided by their standard deviation
+   over the step's rollouts (the mean is kept). The score sits on the response's last real token;
+   every token also gets -beta * max(0, log pi - log pi_ref) (the KL penalty to the frozen reference).
+3. Advantages: GAE (gamma = lambda = 1 by default) with the value model's estimates, whitened.
+4. Updates: --epochs passes over the rollouts in minibatches of --minibatch-size (gradient
+   accumulation over --micro-batch-size rows), clipped policy loss + --vf-coef * clipped value loss,
+   one AdamW over policy and value parameters, gradient-norm clip, 5 warmup steps then linear decay.
+
+Models: the policy and reference start from --policy; with --lora the policy is LoRA adapters
+and the reference is the same model with its adapters switched off (so a 7B policy fits one GPU).
+The value model is the reward model's backbone with a new zero-initialised head (LoRA on the
+backbone with --lora). The reward model stays frozen.
+
+Outputs in --out-dir: `log.jsonl` (one line per step), `checkpoints/step-N/` every --save-every
+steps (--resume continues from the last one exactly: same prompts, same samples), and at the end
+the policy as a Hugging Face checkpoint (adapters merged) that `rlcd generate --model` loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from rlcd import dialogue
+from rlcd.engines import SamplingParams
+from rlcd.files import UserError, append_lines, atomic_write_text, now, write_manifest
+from rlcd.reward import format_rm_input, non_negative_int, positive_int, score_texts
+from rlcd.simulate import sample_seed
+
+WARMUP_STEPS = 5
+
+
+# --------------------------------------------------------------------------------------------------
+# The PPO arithmetic: pure functions of tensors, tested against hand-computed examples
+# --------------------------------------------------------------------------------------------------
+
+
+def end_of_response(text: str, ended_with_eos: bool, accept_eos: bool) -> str | None:
+    """The response cut at the end marker (marker excluded), or None when it must get the -1 penalty."""
+    cut = text.find(dialogue.END_MARKER)
+    if cut < 0:
+        if not (accept_eos and ended_with_eos):
+            return None
+        cut = len(text)
+    return text[:cut] if text[:cut].strip() else None
+
+
+def shape_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
+                  kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards [B, T] and the per-token KL estimate log pi - log pi_ref [B, T] (zero on padding).
+
+    The penalty is -kl_coef * max(0, log pi - log pi_ref) on every response token; the sequence's
+    score is added on its last real token (never on padding).
+    """
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = -kl_coef * kl.clamp(min=0.0)
+    last = mask.sum(1).long() - 1
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards * mask, kl
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimates and returns [B, T]; padding (mask 0) sits only after a row's last token."""
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+    return advantages, advantages + values
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    n = mask.sum()
+    mean = (x * mask).sum() / n
+    var = (((x - mean) * mask) ** 2).sum() / n
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, mask, clip: float, clip_value: float):
+    """Token sums (not means) of the clipped policy loss and the clipped value loss, and the clipped-token count."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    pg = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip, 1 + clip))
+    v_clipped = old_values + (values - old_values).clamp(-clip_value, clip_value)
+    vf = 0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2)
+    clipped = ((ratio - 1).abs() > clip).float()
+    return (pg * mask).sum(), (vf * mask).sum(), (clipped * mask).sum()
+
+
+class KLController:
+    """Fixed beta, or the adaptive rule of Ziegler et al. (2019) towards a target KL."""
+
+    def __init__(self, value: float, target: float | None, horizon: int):
+        self.value, self.target, self.horizon = value, target, horizon
+
+    def update(self, kl: float, n: int) -> None:
+        if self.target:
+            error = min(max(kl / self.target - 1, -0.2), 0.2)
+            self.value *= 1 + error * n / self.horizon
+
+
+# --------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------
+
+
+class ValueModel(torch.nn.Module):
+    """A transformer backbone (the reward model's) with a zero-initialised scalar head on every position."""
+
+    def __init__(self, backbone, hidden_size: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
+
+
+def lora_config(args, task_type=None):
+    from peft import LoraConfig
+
+    return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules="all-linear", task_type=task_type)
+
+
+def build_models(args, device: str):
+    """(policy, reference-or-None, value model, reward model, policy tokenizer, reward tokenizer)."""
+    from transformers import AutoModelForCausalLM
+
+    from rlcd.models import load_tokenizer, resolve_dtype, resolve_model
+    from rlcd.reward import load_reward_model
+
+    # full fine-tuning keeps fp32 master weights (bf16 steps of lr 1e-5 round away); LoRA trains fp32 adapters on bf16 weights
+    weights = resolve_dtype(args.dtype, device) if args.lora else torch.float32
+    path = resolve_model(args.policy)
+    try:
+        tokenizer = load_tokenizer(path)
+        policy = AutoModelForCausalLM.from_pretrained(path, dtype=weights).to(device)
+        reference = None if args.lora else AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(args.dtype, device)).to(device)
+    except OSError as e:
+        raise UserError(f"--policy {args.policy}: cannot load ({str(e).splitlines()[0]})") from None
+    rm, rm_tokenizer = load_reward_model(args.reward_model, device=device, dtype=args.dtype, flag="--reward-model")
+    rm.requires_grad_(False)
+    critic, _ = load_reward_model(args.value_model or args.reward_model, device=device, dtype="float32" if not args.lora else args.dtype,
+                                  flag="--value-model")
+    backbone = critic.base_model
+    if rm_tokenizer.get_vocab() != tokenizer.get_vocab():
+        # the value model reads the policy's token ids, so both must share one vocabulary
+        raise UserError(f"--reward-model {args.reward_model}: its tokenizer differs from the policy's; "
+                        "train the reward model from the policy's base model, or pass --value-model")
+    if args.lora:
+        from peft import get_peft_model
+
+        policy = get_peft_model(policy, lora_config(args, "CAUSAL_LM"))
+        backbone = get_peft_model(backbone, lora_config(args))
+    else:
+        reference.requires_grad_(False).eval()
+    value = ValueModel(backbone, critic.config.hidden_size).to(device)
+    policy.eval()  # no dropout anywhere: rollouts, old log-probs and updates see the same function
+    value.eval()
+    return policy, reference, value, rm, tokenizer, rm_tokenizer
+
+
+def trainable_state(module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
+
+
+# --------------------------------------------------------------------------------------------------
+# Batches: left-padded prompts followed by right-padded responses
+# --------------------------------------------------------------------------------------------------
+
+
+def collate(rows: list[dict], pad_id: int, device) -> dict:
+    """input_ids / attention_mask / position_ids [b, P+R] and the response mask [b, R] of some rollout rows.
+
+    Prompts are left padded to P and responses right padded to R, so column P-1+j predicts response
+    token j in every row.
+    """
+    width_p = max(len(r["prompt_ids"]) for r in rows)
+    width_r = max(len(r["response_ids"]) for r in rows)
+    ids, mask, rmask = [], [], []
+    for r in rows:
+        p, q = r["prompt_ids"], r["response_ids"]
+        ids.append([pad_id] * (width_p - len(p)) + p + q + [pad_id] * (width_r - len(q)))
+        mask.append([0] * (width_p - len(p)) + [1] * (len(p) + len(q)) + [0] * (width_r - len(q)))
+        rmask.append([1] * len(q) + [0] * (width_r - len(q)))
+    input_ids = torch.tensor(ids, device=device)
+    attention_mask = torch.tensor(mask, device=device)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
+        "response_ids": input_ids[:, width_p:],
+        "mask": torch.tensor(rmask, device=device, dtype=torch.float32),
+        "width_p": width_p,
+        "width_r": width_r,
+    }
+
+
+def response_logits(model, batch: dict) -> torch.Tensor:
+    """Logits [b, R, V] that predict each response token."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+                use_cache=False, logits_to_keep=batch["width_r"] + 1)
+    return out.logits[:, :-1].float()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return torch.gather(logits.log_softmax(-1), 2, tokens[:, :, None]).squeeze(-1)
+
+
+def response_values(value_model, batch: dict) -> torch.Tensor:
+    values = value_model(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
+    p = batch["width_p"]
+    return values[:, p - 1 : p - 1 + batch["width_r"]].float()
+
+
+def pad_rows(rows: list[dict], key: str, width: int, device) -> torch.Tensor:
+    return torch.stack([F.pad(r[key], (0, width - len(r[key]))) for r in rows]).to(device)
+
+
+# --------------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------------
+
+
+class PPO:
+    def __init__(self, args, prompts: list[tuple[int, str, list[int]]], device: str):
+        self.args, self.prompts, self.device = args, prompts, device
+        self.policy, self.reference, self.value, self.rm, self.tokenizer, self.rm_tokenizer = build_models(args, device)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.eos_id = self.tokenizer.eos_token_id
+        self.engine = make_rollout_engine(args.engine, self.policy, self.tokenizer, args.generation_batch_size)
+        params = [p for m in (self.policy, self.value) for p in m.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
+        total = args.steps
+
+        def schedule(step: int) -> float:  # per PPO step: warm-up, then linear decay to 0 over the run
+            return min(1.0, (step + 1) / WARMUP_STEPS) * max(0.0, 1 - step / total)
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.kl = KLController(args.kl, args.kl_target, args.kl_horizon)
+        self.step = 0
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") and args.dtype != "float32" else nullcontext()
+
+    # -- which prompts a step uses: a pure function of (seed, step), so resume repeats nothing -----------
+
+    def step_prompts(self, step: int) -> list[tuple[int, str, list[int]]]:
+        n, size = len(self.prompts), self.args.rollouts
+        chosen = []
+        for k in range(step * size, (step + 1) * size):
+            epoch, pos = divmod(k, n)
+            g = torch.Generator().manual_seed(self.args.seed * 1_000_003 + epoch)
+            chosen.append(self.prompts[int(torch.randperm(n, generator=g)[pos])] if n > 1 else self.prompts[0])
+        return chosen
+
+    def reference_context(self):
+        return self.policy.disable_adapter() if self.args.lora else nullcontext()
+
+    # -- rollouts ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def rollout(self, step: int) -> tuple[list[dict], dict]:
+        a = self.args
+        chosen = self.step_prompts(step)
+        t0 = time.time()
+        params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=0, top_p=1.0,
+                                stop=(dialogue.END_MARKER,) if a.stop_at_marker else ())
+        seeds = [sample_seed(a.seed, index, f"ppo{step}", k) for k, (index, _, _) in enumerate(chosen)]
+        completions = self.engine.generate([p for _, p, _ in chosen], params, seeds)
+        t1 = time.time()
+        rows, texts, scored = [], [], []
+        for (index, prompt, prompt_ids), c in zip(chosen, completions):
+            response_ids = list(c.token_ids) + ([self.eos_id] if c.finish_reason == "eos" else [])
+            rows.append({"index": index, "prompt_ids": prompt_ids, "response_ids": response_ids})
+            cut = end_of_response(c.text, c.finish_reason == "eos", a.accept_eos)
+            if cut is not None:
+                scored.append(len(rows) - 1)
+                texts.append(format_rm_input(prompt, cut))
+        scores = torch.full((len(rows),), float(a.missing_marker_reward))
+        if texts:
+            scores[scored] = torch.tensor(score_texts(self.rm, self.rm_tokenizer, texts, a.forward_batch_size), dtype=torch.float32)
+        t2 = time.time()
+        raw = scores.clone()
+        if a.scale_rewards and len(scores) > 1 and scores.std() > 1e-6:
+            scores = scores / scores.std()
+
+        # old log-probs, reference log-probs and values, a forward batch at a time
+        for start in range(0, len(rows), a.forward_batch_size):
+            part = rows[start : start + a.forward_batch_size]
+            batch = collate(part, self.pad_id, self.device)
+            with self.autocast:
+                logits = response_logits(self.policy, batch)
+                logprobs = token_logprobs(logits, batch["response_ids"])
+                entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+                del logits
+                with self.reference_context():
+                    reference = self.policy if self.reference is None else self.reference
+                    ref = token_logprobs(response_logits(reference, batch), batch["response_ids"])
+                values = response_values(self.value, batch)
+            for k, r in enumerate(part):
+                n = len(r["response_ids"])
+                r.update(logprobs=logprobs[k, :n].float().cpu(), ref_logprobs=ref[k, :n].float().cpu(),
+                         values=values[k, :n].float().cpu(), entropy=entropy[k, :n].float().mean().item())
+
+        # rewards, advantages and returns over the whole rollout batch (advantages whitened over all of it)
+        width = max(len(r["response_ids"]) for r in rows)
+        mask = torch.tensor([[1.0] * len(r["response_ids"]) + [0.0] * (width - len(r["response_ids"])) for r in rows])
+        logprobs, ref = pad_rows(rows, "logprobs", width, "cpu"), pad_rows(rows, "ref_logprobs", width, "cpu")
+        values = pad_rows(rows, "values", width, "cpu")
+        rewards, kl = shape_rewards(scores, logprobs, ref, mask, self.kl.value)
+        advantages, returns = gae(rewards, values, mask, a.gamma, a.lam)
+        advantages = whiten(advantages, mask)
+        for k, r in enumerate(rows):
+            n = len(r["response_ids"])
+            r.update(advantages=advantages[k, :n], returns=returns[k, :n])
+        kl_per_sequence = kl.sum(1)
+        stats = {
+            "reward_mean": float(rewards.sum(1).mean()),
+            "reward_std": float(rewards.sum(1).std()) if len(rows) > 1 else 0.0,
+            "score_mean": float(raw.mean()),
+            "score_std": float(raw.std()) if len(rows) > 1 else 0.0,
+            "kl": float(kl_per_sequence.mean()),
+            "kl_coef": self.kl.value,
+            "entropy": sum(r["entropy"] for r in rows) / len(rows),
+            "response_length": float(mask.sum(1).mean()),
+            "missing_marker_frac": 1 - len(scored) / len(rows),
+            "time_rollout": round(t1 - t0, 3),
+            "time_score": round(t2 - t1, 3),
+            "time_forward": round(time.time() - t2, 3),
+        }
+        return rows, stats
+
+    # -- updates -----------------------------------------------------------------------------------
+
+    def train(self, rows: list[dict], step: int) -> dict:
+        a = self.args
+        g = torch.Generator().manual_seed(a.seed * 7919 + step)
+        totals = {"policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0, "tokens": 0.0, "grad_norm": 0.0}
+        updates = 0
+        for _ in range(a.epochs):
+            order = torch.randperm(len(rows), generator=g).tolist()
+            for start in range(0, len(order), a.minibatch_size):
+                minibatch = [rows[i] for i in order[start : start + a.minibatch_size]]
+                tokens = sum(len(r["response_ids"]) for r in minibatch)
+                self.optimizer.zero_grad(set_to_none=True)
+                for m in range(0, len(minibatch), a.micro_batch_size):
+                    part = minibatch[m : m + a.micro_batch_size]
+                    batch = collate(part, self.pad_id, self.device)
+                    width = batch["width_r"]
+                    mask = batch["mask"]
+                    with self.autocast:
+                        logprobs = token_logprobs(response_logits(self.policy, batch), batch["response_ids"])
+                        values = response_values(self.value, batch)
+                    pg, vf, clipped = ppo_losses(
+                        logprobs, pad_rows(part, "logprobs", width, self.device), pad_rows(part, "advantages", width, self.device),
+                        values, pad_rows(part, "values", width, self.device), pad_rows(part, "returns", width, self.device),
+                        mask, a.clip_range, a.clip_range_value,
+                    )
+                    ((pg + a.vf_coef * vf) / tokens).backward()
+                    totals["policy_loss"] += pg.item()
+                    totals["value_loss"] += vf.item()
+                    totals["clip_frac"] += clipped.item()
+                params = [p for group in self.optimizer.param_groups for p in group["params"]]
+                totals["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm))
+                self.optimizer.step()
+                totals["tokens"] += tokens
+                updates += 1
+        n = totals.pop("tokens")
+        return {
+            "policy_loss": totals["policy_loss"] / n, "value_loss": totals["value_loss"] / n, "clip_frac": totals["clip_frac"] / n,
+            "grad_norm": totals["grad_norm"] / max(updates, 1), "optimizer_steps": updates,
+        }
+
+    def run_step(self) -> dict:
+        step = self.step
+        lr = self.scheduler.get_last_lr()[0]
+        t0 = time.time()
+        rows, stats = self.rollout(step)
+        t1 = time.time()
+        stats.update(self.train(rows, step))
+        self.scheduler.step()
+        self.kl.update(stats["kl"], len(rows))
+        self.step += 1
+        return {"step": self.step, **stats, "lr": lr, "time_train": round(time.time() - t1, 3), "time_step": round(time.time() - t0, 3)}
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def save_checkpoint(self, out_dir: Path) -> Path:
+        from safetensors.torch import save_file
+
+        final = out_dir / "checkpoints" / f"step-{self.step}"
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(trainable_state(self.policy), tmp / "policy.safetensors")
+        save_file(trainable_state(self.value), tmp / "value.safetensors")
+        torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "kl_coef": self.kl.value}, tmp / "trainer_state.pt")
+        os.replace(tmp, final)
+        for old in sorted(checkpoints(out_dir))[:-2]:  # keep the last two
+            shutil.rmtree(old[1], ignore_errors=True)
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        for module, name in ((self.policy, "policy"), (self.value, "value")):
+            state = load_file(path / f"{name}.safetensors")
+            missing = [n for n, p in module.named_parameters() if p.requires_grad and n not in state]
+            if missing:
+                raise UserError(f"{path}: checkpoint does not match these settings (no {missing[0]}); resume with the same --lora/--policy")
+            with torch.no_grad():
+                for n, p in module.named_parameters():
+                    if n in state:
+                        p.copy_(state[n].to(p.dtype))
+        state = torch.load(path / "trainer_state.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.kl.value, self.step = state["kl_coef"], state["step"]
+
+    def save_final(self, out_dir: Path) -> None:
+        model = self.policy.merge_and_unload() if self.args.lora else self.policy
+        tmp = out_dir / "final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        for item in tmp.iterdir():
+            os.replace(item, out_dir / item.name)
+        tmp.rmdir()
+
+
+def checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
+    found = []
+    for p in (out_dir / "checkpoints").glob("step-*"):
+        if p.name.split("-", 1)[1].isdigit() and (p / "trainer_state.pt").exists():
+            found.append((int(p.name.split("-", 1)[1]), p))
+    return sorted(found)
+
+
+def make_rollout_engine(kind: str, policy, tokenizer, batch_size: int):
+    from rlcd.engines.hf import HFEngine
+
+    on_cuda = next(policy.parameters()).device.type == "cuda"
+    if kind == "fast" or (kind == "auto" and on_cuda):
+        from rlcd.engines.fast import FastEngine
+
+        return FastEngine(policy, tokenizer, batch_size=batch_size)
+    return HFEngine(policy, tokenizer, batch_size=batch_size)
+
+
+def load_tokenizer_for(args):
+    from rlcd.models import load_tokenizer, resolve_model
+
+    return load_tokenizer(resolve_model(args.policy))
+
+
+def load_ppo_prompts(path: str, tokenizer, max_prompt_tokens: int) -> tuple[list[tuple[int, str, list[int]]], dict]:
+    prompts = dialogue.load_prompts(path)
+    kept, skipped = [], dict(prompts.skipped)
+    too_long = 0
+    for index, prompt in prompts.items:
+        ids = tokenizer(prompt, add_special_tokens=True).input_ids
+        if len(ids) > max_prompt_tokens:
+            too_long += 1
+            continue
+        kept.append((index, prompt, ids))
+    if too_long:
+        skipped[f"longer than {max_prompt_tokens} tokens"] = too_long
+    if not kept:
+        raise UserError(f"{path}: no usable prompts (skipped: {skipped or 'empty file'})")
+    return kept, skipped
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def truncate_log(log: Path, last_step: int) -> None:
+    """Drop log lines of steps after the checkpoint we resume from (they will run again)."""
+    if not log.exists():
+        return
+    keep = []
+    for line in log.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line torn by a crash
+    atomic_write_text(log, "".join(x + "\n" for x in keep))
+
+
+def run(args: argparse.Namespace) -> None:
+    from rlcd.models import default_device
+
+    validate(args)
+    out_dir = Path(args.out_dir)
+    if (out_dir / "config.json").exists() and (out_dir / "manifest.json").exists():
+        print(f"{out_dir}: already trained (final checkpoint exists); nothing to do")
+        print(out_dir)
+        return
+    found = checkpoints(out_dir)
+    if found and not args.resume:
+        raise UserError(f"{out_dir}: holds PPO checkpoints; pass --resume to continue, or choose another --out-dir")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out_dir}: cannot create the output directory ({e.strerror})") from None
+    device = args.device or default_device()
+    prompts, skipped = load_ppo_prompts(args.prompts, load_tokenizer_for(args), args.max_prompt_tokens)
+    if skipped:
+        print(f"prompts: {len(prompts)} usable, skipped {skipped}")
+    torch.manual_seed(args.seed)
+    ppo = PPO(args, prompts, device)
+    log = out_dir / "log.jsonl"
+    started = now()
+    if found and args.resume:
+        ppo.load_checkpoint(found[-1][1])
+        print(f"resumed from {found[-1][1]} (step {ppo.step})")
+    truncate_log(log, ppo.step)
+    writer = make_writer(args.report_to, out_dir)
+    while ppo.step < args.steps:
+        stats = ppo.run_step()
+        append_lines(log, [stats])
+        if writer:
+            writer(stats)
+        print(f"step {stats['step']}/{args.steps}: score {stats['score_mean']:.3f}, kl {stats['kl']:.3f}, "
+              f"len {stats['response_length']:.0f}, no-marker {stats['missing_marker_frac']:.2f}, "
+              f"{stats['time_step']:.1f}s (rollout {stats['time_rollout']:.1f}s)", flush=True)
+        if ppo.step % args.save_every == 0 or ppo.step == args.steps:
+            ppo.save_checkpoint(out_dir)
+    ppo.save_final(out_dir)
+    write_manifest(out_dir / "manifest.json", stage="ppo", config=public_config(args), seed=args.seed,
+                   started_at=started, finished_at=now(), counts={"prompts": len(prompts), "skipped": skipped, "steps": ppo.step})
+    print(out_dir)
+
+
+def make_writer(report_to: str, out_dir: Path):
+    """A function that sends one step's figures to TensorBoard or Weights & Biases (None for 'none')."""
+    if report_to == "none":
+        return None
+    if report_to == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError("--report-to tensorboard needs the tensorboard package: pip install tensorboard") from None
+        tb = SummaryWriter(str(out_dir / "tensorboard"))
+
+        def write(stats):
+            for k, v in stats.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    tb.add_scalar(f"ppo/{k}", v, stats["step"])
+            tb.flush()
+
+        return write
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("--report-to wandb needs the wandb package: pip install wandb") from None
+    wandb.init(project=os.environ.get("WANDB_PROJECT", "rlcd"), dir=str(out_dir), resume="allow")
+    return lambda stats: wandb.log({f"ppo/{k}": v for k, v in stats.items() if k != "step"}, step=stats["step"])
+
+
+def public_config(args) -> dict:
+    return {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "config"}
+
+
+def validate(args) -> None:
+    if args.kl < 0:
+        raise UserError(f"--kl {args.kl}: the KL coefficient cannot be negative")
+    if args.kl_target is not None and args.kl_target <= 0:
+        raise UserError(f"--kl-target {args.kl_target}: must be positive")
+    if args.learning_rate <= 0:
+        raise UserError(f"--learning-rate {args.learning_rate}: must be positive")
+    if args.temperature <= 0:
+        raise UserError(f"--temperature {args.temperature}: PPO samples from the policy; use a positive temperature")
+    if args.minibatch_size > args.rollouts:
+        raise UserError(f"--minibatch-size {args.minibatch_size} is larger than --rollouts {args.rollouts}")
+    if not 0 < args.clip_range < 1 or args.clip_range_value <= 0:
+        raise UserError("--clip-range must be in (0, 1) and --clip-range-value positive")
+    for flag, value in (("--gamma", args.gamma), ("--lam", args.lam)):
+        if not 0 <= value <= 1:
+            raise UserError(f"{flag} {value}: must be in [0, 1]")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompts", "--prompts-file", dest="prompts", required=True, help="hh-rlhf dialogues (jsonl[.gz]) or a prompt list")
+    p.add_argument("--reward-model", required=True, help="reward model directory written by rlcd train-rm")
+    p.add_argument("--policy", "--model", dest="policy", default="smollm2", help="starting policy (and frozen reference)")
+    p.add_argument("--value-model", help="initialise the value model from this reward model instead of --reward-model")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--steps", type=positive_int, default=80, help="PPO steps (spec: 40-80)")
+    p.add_argument("--rollouts", type=positive_int, default=512, help="rollouts per PPO step")
+    p.add_argument("--minibatch-size", type=positive_int, default=256, help="rows per optimizer step")
+    p.add_argument("--micro-batch-size", type=positive_int, default=16, help="rows per forward/backward (gradient accumulation)")
+    p.add_argument("--forward-batch-size", type=positive_int, default=32, help="rows per no-grad forward (log-probs, values, rewards)")
+    p.add_argument("--generation-batch-size", type=positive_int, default=256, help="rows decoded at once by the rollout engine")
+    p.add_argument("--epochs", type=positive_int, default=2, help="passes over each rollout batch")
+    p.add_argument("--kl", type=float, default=0.002, help="KL penalty coefficient beta (spec: 0.002 or 0.004)")
+    p.add_argument("--kl-target", type=float, help="adaptive KL: target KL per sequence (fixed beta when absent)")
+    p.add_argument("--kl-horizon", type=positive_int, default=10000)
+    p.add_argument("--learning-rate", type=float, default=1e-5)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--clip-range", type=float, default=0.2)
+    p.add_argument("--clip-range-value", type=float, default=0.2)
+    p.add_argument("--vf-coef", type=float, default=0.1)
+    p.add_argument("--gamma", type=float, default=1.0)
+    p.add_argument("--lam", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=positive_int, default=300)
+    p.add_argument("--max-prompt-tokens", type=positive_int, default=192, help="prompts longer than this are skipped (counted)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--missing-marker-reward", type=float, default=-1.0, help="reward of a response that never reaches the end marker")
+    p.add_argument("--accept-eos", action="store_true", help="a response ended by the model's EOS token counts as ended (instruct models)")
+    p.add_argument("--no-stop-at-marker", dest="stop_at_marker", action="store_false",
+                   help="keep sampling after the end marker until EOS or the token limit (the original); by default rollouts stop there")
+    p.add_argument("--no-scale-rewards", dest="scale_rewards", action="store_false", help="do not divide scores by their std")
+    p.add_argument("--lora", action="store_true", help="LoRA adapters for policy and value (reference = adapters off)")
+    p.add_argument("--lora-r", type=positive_int, default=16)
+    p.add_argument("--lora-alpha", type=positive_int, default=32)
+    p.add_argument("--engine", choices=["auto", "fast", "hf"], default="auto", help="rollout engine (auto: fast on GPU)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--save-every", type=positive_int, default=20, help="checkpoint every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out-dir")
+    p.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default="none", help="also log each step there")

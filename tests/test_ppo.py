@@ -1,0 +1,279 @@
+"""PPO: the arithmetic against hand-computed examples, rewards on the right token, resume, LoRA reference (tiny models, CPU)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlcd import ppo
+from rlcd.cli import main
+from rlcd.engines import Completion
+from rlcd.files import UserError
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "src" / "rlcd" / "data" / "harmless_prompts.jsonl"
+SMALL = ["--steps", "3", "--rollouts", "8", "--minibatch-size", "4", "--micro-batch-size", "2", "--forward-batch-size", "4",
+         "--max-new-tokens", "6", "--save-every", "2", "--learning-rate", "1e-3", "--accept-eos"]
+TIMES = ("time_rollout", "time_score", "time_forward", "time_train", "time_step")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_rm(tiny_model_dir, tmp_path_factory) -> str:
+    """A random one-output sequence classifier sharing the tiny policy's config and tokenizer."""
+    from transformers import AutoConfig, AutoTokenizer, LlamaForSequenceClassification
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.num_labels = 1
+    torch.manual_seed(1)
+    out = tmp_path_factory.mktemp("tiny-rm")
+    LlamaForSequenceClassification(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return str(out)
+
+
+def ppo_cli(out: Path, policy: str, rm: str, *extra: str) -> list[dict]:
+    main(["ppo", "--prompts", str(EXAMPLES), "--reward-model", rm, "--policy", policy, "--out-dir", str(out), *SMALL, *extra])
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------
+# arithmetic
+# ---------------------------------------------------------------------------------------------
+
+
+def test_gae_with_gamma_lambda_one_is_reward_to_go_minus_value():
+    rewards = torch.tensor([[0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.5, 0.2, 0.1]])
+    adv, ret = ppo.gae(rewards, values, torch.ones(1, 3), 1.0, 1.0)
+    assert torch.allclose(adv, torch.tensor([[0.5, 0.8, 0.9]]))
+    assert torch.allclose(ret, torch.tensor([[1.0, 1.0, 1.0]]))
+
+
+def test_gae_hand_computed_with_discount_and_padding():
+    # deltas: d2 = 1 - .1 = .9; d1 = .9*.1 - .2 = -.11; d0 = .9*.2 - .5 = -.32; gamma*lambda = .72
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.0, 2.0, 0.0, 0.0]])
+    values = torch.tensor([[0.5, 0.2, 0.1, 9.0], [1.0, 1.0, 7.0, 7.0]])  # 9 and 7 sit on padding
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0]])
+    adv, ret = ppo.gae(rewards, values, mask, 0.9, 0.8)
+    a2 = 0.9
+    a1 = -0.11 + 0.72 * a2
+    a0 = -0.32 + 0.72 * a1
+    # row 2: d1 = 2 - 1 = 1; d0 = .9*1 - 1 = -.1; a0 = -.1 + .72
+    assert torch.allclose(adv, torch.tensor([[a0, a1, a2, 0.0], [-0.1 + 0.72, 1.0, 0.0, 0.0]]), atol=1e-6)
+    assert torch.allclose(ret, adv + values * mask)
+
+
+def test_kl_penalty_is_negative_only_where_the_policy_is_more_likely_and_score_goes_on_the_last_real_token():
+    logprobs = torch.tensor([[-1.0, -2.0, -1.0, 0.0], [-1.0, -1.0, 0.0, 0.0]])
+    ref = torch.tensor([[-1.5, -1.0, -1.0, -5.0], [-3.0, -1.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0]])
+    rewards, kl = ppo.shape_rewards(torch.tensor([3.0, -1.0]), logprobs, ref, mask, kl_coef=0.1)
+    # row 1: kl +0.5 (penalised), -1.0 (not: max(0, .)), 0; score 3 on token 3 (index 2), not on the padding
+    assert torch.allclose(rewards[0], torch.tensor([-0.05, 0.0, 3.0, 0.0]))
+    assert torch.allclose(rewards[1], torch.tensor([-0.2, -1.0, 0.0, 0.0]))
+    assert torch.allclose(kl, torch.tensor([[0.5, -1.0, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0]]))
+
+
+def test_whiten_ignores_padding():
+    x = torch.tensor([[1.0, 3.0, 100.0]])
+    w = ppo.whiten(x, torch.tensor([[1.0, 1.0, 0.0]]))
+    assert torch.allclose(w, torch.tensor([[-1.0, 1.0, 0.0]]), atol=1e-4)
+
+
+def test_policy_loss_is_clipped_and_value_loss_is_the_larger_of_clipped_and_unclipped():
+    mask = torch.ones(1, 2)
+    old = torch.zeros(1, 2)
+    new = torch.log(torch.tensor([[1.5, 0.5]]))  # ratios 1.5 and 0.5
+    adv = torch.tensor([[1.0, -1.0]])
+    pg, vf, clipped = ppo.ppo_losses(new, old, adv, torch.tensor([[1.0, 0.0]]), torch.zeros(1, 2), torch.tensor([[0.0, 0.0]]), mask, 0.2, 0.2)
+    # token 1: max(-1.5, -1.2) = -1.2; token 2: max(0.5, 0.8) = 0.8
+    assert pg.item() == pytest.approx(-1.2 + 0.8)
+    # value 1.0 vs old 0 clipped to 0.2; returns 0: max(1.0, 0.04) * 0.5
+    assert vf.item() == pytest.approx(0.5)
+    assert clipped.item() == 2
+
+
+def test_end_of_response_cuts_at_the_marker_and_penalises_missing_or_empty():
+    assert ppo.end_of_response(" Sure.\n\nHuman: more", False, False) == " Sure."
+    assert ppo.end_of_response(" Sure.", True, False) is None
+    assert ppo.end_of_response(" Sure.", True, True) == " Sure."
+    assert ppo.end_of_response(" Sure.", False, True) is None  # hit the token limit
+    assert ppo.end_of_response("  \n\nHuman: hi", False, True) is None
+
+
+def test_adaptive_kl_moves_towards_the_target():
+    ctl = ppo.KLController(0.1, target=6.0, horizon=100)
+    ctl.update(12.0, 10)
+    assert ctl.value == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))
+    fixed = ppo.KLController(0.1, target=None, horizon=100)
+    fixed.update(12.0, 10)
+    assert fixed.value == 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainer on tiny models
+# ---------------------------------------------------------------------------------------------
+
+
+class SeededEngine:
+    """Random token ids whose length and ending (EOS or length) follow the seed: rewards that vary, cheaply."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def generate(self, prompts, params, seeds):
+        import random
+
+        out = []
+        for seed in seeds:
+            rng = random.Random(seed)
+            ids = tuple(rng.randrange(100, 2000) for _ in range(rng.randint(1, params.max_new_tokens)))
+            out.append(Completion(self.tokenizer.decode(ids), rng.choice(["eos", "length"]), len(ids), ids))
+        return out
+
+
+@pytest.fixture
+def seeded_engine(monkeypatch):
+    monkeypatch.setattr(ppo, "make_rollout_engine", lambda kind, policy, tokenizer, batch: SeededEngine(tokenizer))
+
+
+class ScriptedEngine:
+    """Returns fixed completions (with token ids) in prompt order."""
+
+    def __init__(self, tokenizer, texts_and_reasons):
+        self.tokenizer, self.script = tokenizer, texts_and_reasons
+
+    def generate(self, prompts, params, seeds):
+        out = []
+        for k in range(len(prompts)):
+            text, reason = self.script[k % len(self.script)]
+            ids = tuple(self.tokenizer(text, add_special_tokens=False).input_ids)
+            out.append(Completion(text, reason, len(ids), ids))
+        return out
+
+
+def make_args(tiny_model_dir, tiny_rm, tmp_path, *extra):
+    from rlcd.cli import build_parser
+
+    return build_parser("ppo").parse_args(
+        ["ppo", "--prompts", str(EXAMPLES), "--reward-model", tiny_rm, "--policy", tiny_model_dir, "--out-dir", str(tmp_path), *SMALL, *extra])
+
+
+def test_reward_sits_on_the_last_response_token_and_missing_marker_gets_minus_one(tiny_model_dir, tiny_rm, tmp_path):
+    args = make_args(tiny_model_dir, tiny_rm, tmp_path, "--no-scale-rewards", "--kl", "0", "--rollouts", "4")
+    prompts, _ = ppo.load_ppo_prompts(args.prompts, ppo.load_tokenizer_for(args), args.max_prompt_tokens)
+    trainer = ppo.PPO(args, prompts, "cpu")
+    trainer.engine = ScriptedEngine(trainer.tokenizer, [(" Hello there.\n\nHuman:", "stop"), (" no marker at all", "length"),
+                                                       (" ended", "eos"), ("\n\nHuman:", "stop")])
+    rows, stats = trainer.rollout(0)
+    # the reward model scores prompt + " " + cut response + marker, exactly what score_texts gives for that text
+    from rlcd.reward import format_rm_input, score_texts
+
+    expected = score_texts(trainer.rm, trainer.rm_tokenizer, [format_rm_input(trainer.step_prompts(0)[0][1], " Hello there.")])[0]
+    assert stats["missing_marker_frac"] == 0.5  # " no marker at all" and the empty response
+    eos_row = rows[2]
+    assert eos_row["response_ids"][-1] == trainer.tokenizer.eos_token_id  # an EOS ending is part of the response
+    with torch.no_grad():
+        for row, score in zip(rows, [expected, -1.0, None, -1.0]):
+            # with kl 0 and gamma = lambda = 1, return_t = the sequence's score for every token t
+            if score is not None:
+                assert torch.allclose(row["returns"], torch.full_like(row["returns"], score), atol=1e-5)
+
+
+def test_ppo_cli_with_the_real_engine_writes_log_checkpoints_and_a_loadable_policy(tiny_model_dir, tiny_rm, tmp_path, capsys):
+    log = ppo_cli(tmp_path / "run", tiny_model_dir, tiny_rm)
+    assert [s["step"] for s in log] == [1, 2, 3]
+    for key in ("reward_mean", "reward_std", "score_mean", "kl", "entropy", "response_length", "missing_marker_frac",
+                "clip_frac", "value_loss", "policy_loss", "lr", *TIMES):
+        assert key in log[-1]
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(tmp_path / "run")
+    from rlcd.models import load_causal_lm
+
+    model, _ = load_causal_lm(str(tmp_path / "run"), device="cpu")
+    assert model.config.vocab_size > 0
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-2", "step-3"]
+
+
+def test_rewards_that_vary_move_the_policy_away_from_the_reference(tiny_model_dir, tiny_rm, tmp_path, seeded_engine):
+    log = ppo_cli(tmp_path / "run", tiny_model_dir, tiny_rm)
+    assert 0 < log[0]["missing_marker_frac"] < 1
+    assert log[0]["kl"] == 0.0 and log[1]["kl"] != 0.0  # step 1 samples the reference itself
+    from rlcd.models import load_causal_lm
+
+    model, _ = load_causal_lm(str(tmp_path / "run"), device="cpu")
+    base, _ = load_causal_lm(tiny_model_dir, device="cpu")
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), base.state_dict().values()))
+
+
+def test_resume_after_interrupt_continues_exactly(tiny_model_dir, tiny_rm, tmp_path, monkeypatch, seeded_engine):
+    whole = ppo_cli(tmp_path / "whole", tiny_model_dir, tiny_rm)
+
+    real_step = ppo.PPO.run_step
+
+    def crash_at_step_3(self):
+        if self.step == 2:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(ppo.PPO, "run_step", crash_at_step_3)
+    with pytest.raises(SystemExit):
+        ppo_cli(tmp_path / "cut", tiny_model_dir, tiny_rm)
+    monkeypatch.setattr(ppo.PPO, "run_step", real_step)
+    with pytest.raises(UserError, match="--resume"):
+        ppo.run(make_args(tiny_model_dir, tiny_rm, tmp_path / "cut"))
+    resumed = ppo_cli(tmp_path / "cut", tiny_model_dir, tiny_rm, "--resume")
+
+    def strip(log):
+        return [{k: v for k, v in s.items() if k not in TIMES} for s in log]
+
+    assert strip(resumed) == strip(whole)
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "cut" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_reference_is_the_base_model_and_final_checkpoint_is_merged(tiny_model_dir, tiny_rm, tmp_path, seeded_engine):
+    args = make_args(tiny_model_dir, tiny_rm, tmp_path, "--lora", "--lora-r", "4", "--learning-rate", "1e-2")
+    prompts, _ = ppo.load_ppo_prompts(args.prompts, ppo.load_tokenizer_for(args), args.max_prompt_tokens)
+    trainer = ppo.PPO(args, prompts, "cpu")
+    trainer.run_step()
+    trainer.run_step()
+    from rlcd.models import load_causal_lm
+
+    base, _ = load_causal_lm(tiny_model_dir, device="cpu")
+    batch = ppo.collate([{"prompt_ids": prompts[0][2], "response_ids": [5, 6, 7]}], trainer.pad_id, "cpu")
+    with torch.no_grad():
+        with trainer.reference_context():
+            ref = ppo.response_logits(trainer.policy, batch)
+        adapted = ppo.response_logits(trainer.policy, batch)
+        expected = ppo.response_logits(base, batch)
+    assert torch.allclose(ref, expected, atol=1e-5)
+    assert not torch.allclose(adapted, expected, atol=1e-3)  # the adapters did learn something
+    trainer.save_final(tmp_path)
+    merged, _ = load_causal_lm(str(tmp_path), device="cpu")
+    with torch.no_grad():
+        assert torch.allclose(ppo.response_logits(merged, batch), adapted, atol=1e-4)
+
+
+def test_absurd_settings_are_refused_with_one_line(tiny_model_dir, tiny_rm, tmp_path, capsys):
+    for flags, needle in ((["--kl", "-0.1"], "--kl"), (["--minibatch-size", "64"], "--minibatch-size"), (["--rollouts", "0"], "--rollouts")):
+        with pytest.raises(SystemExit) as e:
+            main(["ppo", "--prompts", str(EXAMPLES), "--reward-model", tiny_rm, "--policy", tiny_model_dir,
+                  "--out-dir", str(tmp_path), *SMALL, *flags])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["ppo", "--prompts", str(EXAMPLES), "--reward-model", tiny_model_dir, "--policy", tiny_model_dir, "--out-dir", str(tmp_path)])
+    assert "not a reward model" in capsys.readouterr().err
