@@ -1,0 +1,359 @@
+"""Outputs on test prompts (method spec §8): `rlcd format-prompts`, `rlcd generate`, `rlcd postprocess`.
+
+format-prompts  hh-rlhf dialogues (or a plain prompt list) -> a prompts file, JSON list of
+                {"instruction", "input", "index"}; dev = prompts 0-999 of the test file, test = 1000-1999.
+generate        one sample per prompt (temperature 1, top-p 0.9, top-k off, at most 300 new tokens,
+                stop at "\\n\\nHuman:") with the in-process engines; writes an outputs file.
+postprocess     the evaluation cleanup of an outputs file's `output` field (`postprocess` below).
+
+`generate` appends each finished batch to OUT_FILE.progress.jsonl (fsynced) and writes the outputs
+file, in prompt order, once every prompt is done; re-running the same command continues from the
+progress file, so an interrupt loses at most the batch in flight. Each prompt's sampling seed
+derives from --seed and the prompt's index alone, so batch size and resume change no output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from rlcd import dialogue
+from rlcd.files import UserError, append_lines, atomic_write_text, load_shard, now, open_text, write_manifest
+
+SPLITS = {"dev": range(0, 1000), "test": range(1000, 2000)}
+ROUND_BATCHES = 4
+"""Batches handed to the engine at a time: the fast engine refills finished slots from the whole round."""
+
+_SPEAKER = r"(?:human|assistant|user)(?:\s*\([^)\n]*\))?\s*:"
+_LEADING_TAG = re.compile(r"^\s*" + _SPEAKER, re.IGNORECASE)
+_NEXT_TAG = re.compile(r"(?<![A-Za-z0-9_])" + _SPEAKER, re.IGNORECASE)
+
+
+def postprocess(text: str) -> str:
+    """An output as evaluated (method spec §8): cut at the first "\\n\\nHuman:", drop a leading speaker tag
+    (Human/Assistant/User, any case, with its colon), cut at the next speaker tag, strip whitespace.
+
+    Idempotent: what it returns holds no speaker tag.
+    """
+    text = text.split(dialogue.HUMAN, 1)[0]
+    text = _LEADING_TAG.sub("", text, count=1)
+    match = _NEXT_TAG.search(text)
+    if match:
+        text = text[: match.start()]
+    return text.strip()
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompts
+# --------------------------------------------------------------------------------------------------
+
+
+def read_prompts(path: str | Path) -> dialogue.Prompts:
+    """Prompts of an hh-rlhf file, a plain list, a prompts file or an outputs file (`dialogue.load_prompts`).
+
+    A JSON list whose objects all carry an integer `index` (what format-prompts and generate write)
+    keeps those indices, so a test-split file keeps the hh-rlhf positions 1000-1999, and the
+    sampling seeds that derive from them.
+    """
+    prompts = dialogue.load_prompts(path)
+    declared = _declared_indices(Path(path))
+    if declared is not None:
+        prompts.items = [(declared[position], prompt) for position, prompt in prompts.items]
+    return prompts
+
+
+def _declared_indices(path: Path) -> list[int] | None:
+    if not path.name.removesuffix(".gz").endswith(".json"):
+        return None
+    with open_text(path) as f:
+        data = json.load(f)  # load_prompts has already parsed it
+    if not data or not all(isinstance(x, dict) and type(x.get("index")) is int for x in data):
+        return None
+    indices = [x["index"] for x in data]
+    if len(set(indices)) != len(indices):
+        duplicate = next(i for i, n in Counter(indices).items() if n > 1)
+        raise UserError(f"{path}: index {duplicate} appears more than once; every prompt needs its own index")
+    return indices
+
+
+def report_skips(prompts: dialogue.Prompts) -> None:
+    for line in prompts.examples:
+        print(f"skipped {line}", file=sys.stderr)
+
+
+def run_format_prompts(args: argparse.Namespace) -> None:
+    prompts = dialogue.load_prompts(args.data_path)
+    items = [(i, p) for i, p in prompts.items if args.split == "all" or i in SPLITS[args.split]]
+    if args.max_instances:
+        items = items[: args.max_instances]
+    report_skips(prompts)
+    if not items:
+        raise UserError(f"{args.data_path}: no usable prompts in split '{args.split}' (skipped: {dict(prompts.skipped) or 'none'})")
+    out = Path(args.out_file)
+    data = [{"instruction": p, "input": "", "index": i} for i, p in items]
+    atomic_write_text(out, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    counts = {"prompts": len(items), "first_index": items[0][0], "last_index": items[-1][0], "skipped": dict(prompts.skipped)}
+    write_manifest(out.with_name(out.name + ".manifest.json"), stage="format-prompts", data_path=str(args.data_path),
+                   split=args.split, max_instances=args.max_instances, counts=counts)
+    print(f"{len(items)} prompts (split {args.split}, indices {items[0][0]}-{items[-1][0]}); "
+          f"skipped lines: {dict(prompts.skipped) or 'none'}")
+    print(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# generate
+# --------------------------------------------------------------------------------------------------
+
+
+def sampling_params(args: argparse.Namespace):
+    from rlcd.engines import SamplingParams
+
+    # top-k off: the evaluation samples with top-p only (method spec §8)
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=0, top_p=args.top_p,
+                          stop=(dialogue.HUMAN,), stop_at_eos=True)
+
+
+def prompt_seed(seed: int, index: int) -> int:
+    from rlcd.simulate import sample_seed
+
+    return sample_seed(seed, index, "generate", 0)
+
+
+def is_adapter_dir(name: str) -> bool:
+    path = Path(name)
+    return (path / "adapter_config.json").exists() and not (path / "config.json").exists()
+
+
+def make_engine(args: argparse.Namespace):
+    """(engine, info) for --model: what `rlcd simulate` builds, plus LoRA adapter directories (merged on load)."""
+    if not is_adapter_dir(args.model):
+        from rlcd.simulate import make_engine as simulate_engine
+
+        return simulate_engine(argparse.Namespace(**vars(args), backend="hf"))
+    from peft import AutoPeftModelForCausalLM
+
+    from rlcd.engines.hf import HFEngine
+    from rlcd.models import default_device, load_tokenizer, resolve_dtype
+
+    device = args.device or default_device()
+    try:
+        model = AutoPeftModelForCausalLM.from_pretrained(args.model, dtype=resolve_dtype(args.dtype, device)).merge_and_unload()
+        has_tokenizer = any((Path(args.model) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+        tokenizer = load_tokenizer(args.model if has_tokenizer else model.config.name_or_path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--model {args.model}: cannot load the LoRA adapter or its base model ({str(e).splitlines()[0]})") from None
+    model = model.to(device).eval()
+    kind = args.engine if args.engine != "auto" else ("fast" if model.device.type == "cuda" else "hf")
+    info = {"backend": "hf", "engine": kind, "model": args.model, "adapter_base": model.config.name_or_path,
+            "device": str(model.device), "dtype": str(model.dtype)}
+    if kind == "fast":
+        from rlcd.engines.fast import FastEngine
+
+        return FastEngine(model, tokenizer, batch_size=args.batch_size), info
+    return HFEngine(model, tokenizer, batch_size=args.batch_size), info
+
+
+def settings_of(args: argparse.Namespace) -> dict:
+    """What decides the outputs: a progress file made with other settings cannot be continued."""
+    return {"model": args.model, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature, "top_p": args.top_p, "top_k": 0, "stop": dialogue.HUMAN}
+
+
+def load_progress(path: Path, settings: dict, prompts: dict[int, str]) -> dict[int, dict]:
+    """Records already generated, by index; refuses a progress file of other settings or other prompts."""
+    done: dict[int, dict] = {}
+    for n, record in enumerate(load_shard(path, repair=True)):
+        if "settings" in record:
+            if record["settings"] != settings:
+                changed = sorted(k for k in settings if record["settings"].get(k) != settings[k])
+                raise UserError(f"{path}: made with other settings ({', '.join(changed)}); use the same flags to continue it, "
+                                "or another --out-file")
+            continue
+        index = record.get("index")
+        if index in prompts and record.get("instruction") != prompts[index]:
+            raise UserError(f"{path}:{n + 1}: prompt {index} differs from the one in the prompts file; use another --out-file")
+        done[index] = record
+    return done
+
+
+def generate_records(engine, items: list[tuple[int, str]], params, seed: int) -> list[dict]:
+    """One output record per (index, prompt)."""
+    completions = engine.generate([p for _, p in items], params, [prompt_seed(seed, i) for i, _ in items])
+    return [
+        {"index": i, "instruction": p, "output": postprocess(c.text), "raw_output": c.text,
+         "finish_reason": c.finish_reason, "num_tokens": c.num_tokens}
+        for (i, p), c in zip(items, completions)
+    ]
+
+
+def check_generate_args(args: argparse.Namespace) -> None:
+    checks = [
+        (args.batch_size >= 1, "--batch-size must be at least 1"),
+        (1 <= args.max_new_tokens <= 100_000, "--max-new-tokens must be between 1 and 100000"),
+        (0 <= args.temperature <= 100, "--temperature must be in [0, 100] (0 = greedy)"),
+        (0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
+        (args.max_instances is None or args.max_instances >= 1, "--max-instances must be at least 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    check_generate_args(args)
+    prompts = read_prompts(args.prompts)
+    items = prompts.items[: args.max_instances] if args.max_instances else prompts.items
+    report_skips(prompts)
+    if not items:
+        raise UserError(f"{args.prompts}: no usable prompts (skipped: {dict(prompts.skipped) or 'none'})")
+    out = Path(args.out_file)
+    progress_path = out.with_name(out.name + ".progress.jsonl")
+    manifest_path = out.with_name(out.name + ".manifest.json")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out.parent}: cannot create the output directory ({e.strerror})") from None
+    settings = settings_of(args)
+    done = load_progress(progress_path, settings, dict(items))
+    if not progress_path.exists() or progress_path.stat().st_size == 0:
+        append_lines(progress_path, [{"settings": settings}])
+    todo = [(i, p) for i, p in items if i not in done]
+    skipped = Counter(prompts.skipped)
+    info: dict = {}
+    started = time.time()
+    tokens = 0
+    base = {"stage": "generate", "prompts": str(args.prompts), "settings": settings, "started_at": now()}
+
+    if todo:
+        engine, info = make_engine(args)
+        params = sampling_params(args)
+        if engine.context_length:
+            fits = [(i, p) for i, p in todo if engine.count_tokens(p) + args.max_new_tokens <= engine.context_length]
+            skipped["prompt + max_new_tokens longer than the model's context"] += len(todo) - len(fits)
+            todo = fits
+        write_manifest(manifest_path, status="running", engine=info, **base)
+        print(f"generate: {len(items)} prompts, {len(done)} already done, {len(todo)} to do; skipped {dict(skipped) or 'none'}",
+              file=sys.stderr)
+        # longest first: similar lengths share a batch, and the slowest work starts early
+        queue = sorted(todo, key=lambda item: -len(item[1]))
+        per_round = args.batch_size * ROUND_BATCHES
+        try:
+            with tqdm(total=len(queue), desc="generate", unit="prompt", file=sys.stderr) as bar:
+                for start in range(0, len(queue), per_round):
+                    records = generate_records(engine, queue[start : start + per_round], params, args.seed)
+                    append_lines(progress_path, records)
+                    for r in records:
+                        done[r["index"]] = r
+                        tokens += r["num_tokens"]
+                    bar.update(len(records))
+                    bar.set_postfix(tokens_per_s=f"{tokens / max(time.time() - started, 1e-9):.0f}")
+        except BaseException:
+            write_manifest(manifest_path, status="interrupted", engine=info, counts={"done": len(done)}, **base)
+            raise
+    elif manifest_path.exists():  # nothing left to generate: keep the engine that made the outputs on record
+        try:
+            info = json.loads(manifest_path.read_text(encoding="utf-8")).get("engine", {})
+        except json.JSONDecodeError:
+            pass
+
+    outputs = [{**{k: v for k, v in done[i].items() if k != "index"}, "index": i} for i, _ in items if i in done]
+    atomic_write_text(out, json.dumps(outputs, indent=2, ensure_ascii=False) + "\n")
+    counts = {
+        "outputs": len(outputs),
+        "generated_this_run": len(todo),
+        "skipped": dict(skipped),
+        "finish_reasons": dict(Counter(o["finish_reason"] for o in outputs)),
+        "mean_tokens": round(sum(o["num_tokens"] for o in outputs) / len(outputs), 1) if outputs else None,
+        "empty_after_postprocess": sum(not o["output"] for o in outputs),
+    }
+    write_manifest(manifest_path, status="complete", engine=info, finished_at=now(), counts=counts,
+                   seconds=round(time.time() - started, 1), **base)
+    print(f"{counts['outputs']} outputs ({len(todo)} generated now, {tokens} tokens in {time.time() - started:.0f}s); "
+          f"finish reasons {counts['finish_reasons']}; mean {counts['mean_tokens']} tokens; skipped {dict(skipped) or 'none'}")
+    print(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# postprocess
+# --------------------------------------------------------------------------------------------------
+
+
+def run_postprocess(args: argparse.Namespace) -> None:
+    from rlcd.reward import read_outputs
+
+    items = read_outputs(args.in_file)
+    cleaned = [{**it, "output": postprocess(it["output"])} for it in items]
+    changed = sum(a["output"] != b["output"] for a, b in zip(items, cleaned))
+    out = Path(args.out_file)
+    atomic_write_text(out, json.dumps(cleaned, indent=2, ensure_ascii=False) + "\n")
+    counts = {"outputs": len(cleaned), "changed": changed, "empty": sum(not c["output"] for c in cleaned)}
+    write_manifest(out.with_name(out.name + ".manifest.json"), stage="postprocess", in_file=str(args.in_file), counts=counts)
+    print(f"{counts['outputs']} outputs, {changed} changed, {counts['empty']} empty after postprocessing")
+    print(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def _format_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-path", "--prompts-file", dest="data_path",
+                   help="hh-rlhf jsonl(.gz) (prompt = 'chosen' cut after its last 'Assistant:'), or a plain list of questions")
+    p.add_argument("--out-file", help="prompts file to write: a JSON list of {instruction, input, index}")
+    p.add_argument("--split", default="all", choices=["dev", "test", "all"],
+                   help="dev = prompts 0-999, test = 1000-1999 of the file (method spec §2); default all")
+    p.add_argument("--max-instances", type=int, help="keep only the first N prompts of the split")
+
+
+def _generate_arguments(p: argparse.ArgumentParser) -> None:
+    from rlcd.models import DEFAULT_MODEL
+
+    p.add_argument("--model", "--model-string", dest="model", default=DEFAULT_MODEL,
+                   help=f"policy: a Hugging Face directory (e.g. from rlcd sft/dpo/rloo/ppo), a LoRA adapter directory, "
+                        f"a hub id, or '{DEFAULT_MODEL}' (the embedded default; default)")
+    p.add_argument("--prompts", "--prompts-file", dest="prompts",
+                   help="prompts file from format-prompts, an hh-rlhf jsonl(.gz), a plain list, or an outputs file")
+    p.add_argument("--out-file", help="outputs file to write (JSON list of {instruction, output, raw_output, ...})")
+    p.add_argument("--max-instances", type=int, help="only the first N prompts")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts generated per batch (default 32)")
+    p.add_argument("--seed", type=int, default=42, help="sampling seed; each prompt's seed derives from it and the prompt's index")
+    p.add_argument("--max-new-tokens", type=int, default=300, help="default 300 (method spec §8)")
+    p.add_argument("--temperature", type=float, default=1.0, help="default 1.0; 0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (default 0.9); top-k is off")
+    p.add_argument("--engine", default="auto", choices=["auto", "fast", "hf"],
+                   help="fast (continuous batching, CUDA graphs on GPU) or hf (plain decode loop); auto = fast on GPU, hf on CPU")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the GPU of this process if any, else cpu)")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+
+
+def _postprocess_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--in-file", help="outputs file: a JSON list of {instruction, output}")
+    p.add_argument("--out-file", help="where to write the outputs with 'output' postprocessed")
+
+
+STAGES = {
+    "format-prompts": (_format_arguments, run_format_prompts, ("data_path", "out_file")),
+    "generate": (_generate_arguments, run_generate, ("prompts", "out_file")),
+    "postprocess": (_postprocess_arguments, run_postprocess, ("in_file", "out_file")),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    STAGES[p.prog.rsplit(" ", 1)[-1]][0](p)  # cli.py names each subparser "rlcd <stage>"
+
+
+def run(args: argparse.Namespace) -> None:
+    _, runner, required = STAGES[args.command]
+    # checked here, not by argparse, so that --config can supply them
+    for flag in required:
+        if not getattr(args, flag):
+            raise UserError(f"--{flag.replace('_', '-')} is required")
+    runner(args)
