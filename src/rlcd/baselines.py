@@ -1,0 +1,383 @@
+"""Baselines through TRL: `rlcd sft` (context distillation, method spec §7), `rlcd dpo` and `rlcd rloo`.
+
+sft   SFT on the preferred output of every row of a preference table: the loss covers the target
+      only (TRL prompt-completion dataset). Spec: source = prompt + " ", target = response +
+      "\\n\\nHuman:" + EOS. We train on exactly that text but put the space at the start of the
+      completion: generation and PPO prompt with the bare prompt (ending "Assistant:"), and with
+      BPE tokenizers the space belongs to the response's first token, so the prompt's tokens are
+      then the same in training as at inference.
+dpo   TRL's DPOTrainer on the table; chosen = the preferred output (soft-labelled tables are
+      oriented by their `preference`, i.e. win2_prob > 0.5), completions formatted as for sft.
+rloo  TRL's RLOOTrainer, rewarded by our reward model exactly as PPO is (method spec §6): the
+      completion cut at the first "\\n\\nHuman:", scored as prompt + " " + response + marker
+      (`reward.format_rm_input` / `score_texts`); -1 when the marker never appears or nothing
+      precedes it.
+
+Each writes OUT_DIR: the final model (merged when trained with --lora) and its tokenizer, which
+`rlcd generate --model OUT_DIR` loads; metrics.json (counts and TRL's training log); manifest.json.
+Checkpoints for --resume live in OUT_DIR/checkpoints until training finishes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+from rlcd.dialogue import END_MARKER
+from rlcd.files import UserError, atomic_write_text, now, write_manifest
+from rlcd.reward import check_out_dir, format_rm_input, non_negative_int, parse_bf16, positive_int, public_config
+
+WARMUP_FRACTION = 0.03  # method spec §7: cosine schedule, 3% warmup
+LOGGING_STEPS = 10
+PENALTY = -1.0  # reward of a completion without an end marker, or with nothing before it (method spec §6)
+LEARNING_RATES = {"sft": (2e-5, 2e-4), "dpo": (1e-6, 1e-5), "rloo": (1e-6, 1e-5)}  # (full, --lora)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data: pure helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def completion_text(response: str, eos_token: str) -> str:
+    """A response as a training target: the joining space, the response, the end marker, EOS."""
+    return f" {response.strip()}{END_MARKER}{eos_token}"
+
+
+def preferred(row: dict) -> tuple[str, str]:
+    """(preferred output, other output) of a `read_table` row."""
+    if row["preference"] == 2:
+        return row["output_2"], row["output_1"]
+    return row["output_1"], row["output_2"]
+
+
+def sft_examples(rows: list[dict], eos_token: str) -> list[dict]:
+    return [{"prompt": r["prompt"].rstrip(), "completion": completion_text(preferred(r)[0], eos_token)} for r in rows]
+
+
+def dpo_examples(rows: list[dict], eos_token: str) -> list[dict]:
+    examples = []
+    for r in rows:
+        chosen, rejected = preferred(r)
+        examples.append({"prompt": r["prompt"].rstrip(), "chosen": completion_text(chosen, eos_token),
+                         "rejected": completion_text(rejected, eos_token)})
+    return examples
+
+
+def marker_rewards(prompts: list[str], completions: list[str], score) -> tuple[list[float], int]:
+    """Rewards of completions as PPO computes them, and how many got the penalty.
+
+    `score(texts)` returns reward-model scores of texts formatted with `format_rm_input`.
+    """
+    rewards = [PENALTY] * len(completions)
+    texts, scored = [], []
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        cut = completion.find(END_MARKER)
+        if cut >= 0 and completion[:cut].strip():
+            texts.append(format_rm_input(prompt, completion[:cut]))
+            scored.append(i)
+    for i, s in zip(scored, score(texts) if texts else []):
+        rewards[i] = float(s)
+    return rewards, len(completions) - len(scored)
+
+
+def count_too_long(tokenizer, texts: list[str], max_length: int, each: bool = False):
+    """How many texts are longer than max_length tokens (with `each`, whether each one is)."""
+    ids = tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"] if texts else []
+    flags = [len(x) > max_length for x in ids]
+    return flags if each else sum(flags)
+
+
+# --------------------------------------------------------------------------------------------------
+# Trainers
+# --------------------------------------------------------------------------------------------------
+
+
+def training_config(config_cls, args: argparse.Namespace, out_dir: Path, bf16: bool, **extra):
+    """The settings every stage shares, on TRL's config class of that stage."""
+    from dataclasses import fields
+
+    import torch
+
+    # transformers 5 folded warmup_ratio into warmup_steps (a fraction when < 1); 4.x still has it
+    names = {f.name for f in fields(config_cls)}
+    warmup = {"warmup_ratio": WARMUP_FRACTION} if "warmup_ratio" in names else {"warmup_steps": WARMUP_FRACTION}
+    return config_cls(
+        output_dir=str(out_dir / "checkpoints"),
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.learning_rate,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps or -1,
+        lr_scheduler_type="cosine",
+        weight_decay=0.0,
+        **warmup,
+        bf16=bf16,  # set explicitly: TRL's configs default to bf16 even where the device has none
+        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
+        logging_steps=LOGGING_STEPS,
+        logging_first_step=True,
+        save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500,
+        save_total_limit=1,  # a checkpoint only serves --resume; with optimizer state it is 3x the model
+        report_to="none",
+        dataloader_pin_memory=torch.cuda.is_available(),
+        seed=args.seed,
+        data_seed=args.seed,
+        **extra,
+    )
+
+
+def load_policy(args: argparse.Namespace, bf16: bool):
+    """(model, tokenizer, resolved path) of --model, to train."""
+    import torch
+    from transformers import AutoModelForCausalLM, set_seed
+
+    from rlcd.models import load_tokenizer, resolve_model
+
+    path = resolve_model(args.model)
+    try:
+        tokenizer = load_tokenizer(path)
+    except OSError as e:
+        raise UserError(f"--model {args.model}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+    if tokenizer.eos_token is None:
+        raise UserError(f"--model {args.model}: its tokenizer has no end-of-sequence token; set eos_token in tokenizer_config.json")
+    set_seed(args.seed)
+    # Full fine-tuning keeps float32 weights under bf16 autocast (small updates would vanish in bf16
+    # weights); frozen LoRA base weights can be bf16.
+    dtype = torch.bfloat16 if (args.lora and bf16) else torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--model {args.model}: cannot load as a causal LM ({str(e).splitlines()[0]})") from None
+    return model, tokenizer, path
+
+
+def lora_config(args: argparse.Namespace):
+    if not args.lora:
+        return None
+    from peft import LoraConfig
+
+    modules = args.lora_target_modules if args.lora_target_modules == "all-linear" else args.lora_target_modules.split(",")
+    return LoraConfig(task_type="CAUSAL_LM", r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      target_modules=modules)
+
+
+def build_sft(args: argparse.Namespace, out_dir: Path, bf16: bool):
+    """(trainer, tokenizer, model path, counts) for context distillation."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from rlcd.preferences import read_table
+
+    rows, skipped = read_table(args.data)
+    model, tokenizer, path = load_policy(args, bf16)
+    examples = sft_examples(rows, tokenizer.eos_token)
+    config = training_config(SFTConfig, args, out_dir, bf16, max_length=args.max_length, completion_only_loss=True, packing=False)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(examples), processing_class=tokenizer,
+                         peft_config=lora_config(args))
+    counts = {"examples": len(examples), "skipped_rows": dict(skipped),
+              "cut_to_max_length": count_too_long(tokenizer, [e["prompt"] + e["completion"] for e in examples], args.max_length)}
+    return trainer, tokenizer, path, counts
+
+
+def build_dpo(args: argparse.Namespace, out_dir: Path, bf16: bool):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from rlcd.preferences import read_table
+
+    rows, skipped = read_table(args.data)
+    model, tokenizer, path = load_policy(args, bf16)
+    examples = dpo_examples(rows, tokenizer.eos_token)
+    config = training_config(DPOConfig, args, out_dir, bf16, beta=args.beta, max_length=args.max_length)
+    trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(examples), processing_class=tokenizer,
+                         peft_config=lora_config(args))
+    chosen_long = count_too_long(tokenizer, [e["prompt"] + e["chosen"] for e in examples], args.max_length, each=True)
+    rejected_long = count_too_long(tokenizer, [e["prompt"] + e["rejected"] for e in examples], args.max_length, each=True)
+    too_long = sum(a or b for a, b in zip(chosen_long, rejected_long))
+    counts = {"pairs": len(examples), "soft_labelled": sum(r["win2_prob"] is not None for r in rows),
+              "skipped_rows": dict(skipped), "cut_to_max_length": too_long}
+    return trainer, tokenizer, path, counts
+
+
+def build_rloo(args: argparse.Namespace, out_dir: Path, bf16: bool):
+    from datasets import Dataset
+    from trl import RLOOConfig, RLOOTrainer
+
+    from rlcd.dialogue import load_prompts
+    from rlcd.reward import load_reward_model, score_texts
+
+    prompts = load_prompts(args.prompts)
+    for line in prompts.examples:
+        print(f"skipped {line}", flush=True)
+    skipped = Counter(prompts.skipped)
+    reward_model, reward_tokenizer = load_reward_model(args.reward_model, flag="--reward-model")
+    model, tokenizer, path = load_policy(args, bf16)
+    lengths = tokenizer([p for _, p in prompts.items], add_special_tokens=True, verbose=False)["input_ids"] if prompts.items else []
+    kept = [p for (_, p), ids in zip(prompts.items, lengths) if len(ids) <= args.max_prompt_tokens]
+    skipped[f"longer than --max-prompt-tokens {args.max_prompt_tokens}"] += len(prompts.items) - len(kept)
+    kept = kept[: args.max_prompts] if args.max_prompts else kept
+    if not kept:
+        raise UserError(f"{args.prompts}: no usable prompts (skipped: {dict(skipped) or 'none'})")
+
+    def rm_score(prompts, completions, log_metric=None, **kwargs):
+        rewards, penalized = marker_rewards(prompts, completions, lambda texts: score_texts(reward_model, reward_tokenizer, texts, args.rm_batch_size))
+        if log_metric is not None:  # TRL averages it into its log
+            log_metric("penalized_frac", penalized / max(len(completions), 1))
+        return rewards
+
+    config = training_config(
+        RLOOConfig, args, out_dir, bf16, beta=args.beta, num_generations=args.num_generations,
+        max_completion_length=args.max_new_tokens, temperature=args.temperature, top_p=1.0, top_k=0,
+    )
+    trainer = RLOOTrainer(model=model, reward_funcs=rm_score, args=config, train_dataset=Dataset.from_list([{"prompt": p} for p in kept]),
+                          processing_class=tokenizer, peft_config=lora_config(args))
+    return trainer, tokenizer, path, {"prompts": len(kept), "skipped_prompts": dict(skipped)}
+
+
+BUILDERS = {"sft": build_sft, "dpo": build_dpo, "rloo": build_rloo}
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Train, save the final model, tokenizer, metrics.json and manifest.json in --out-dir; return the metrics."""
+    import torch
+
+    started = now()
+    out_dir = Path(args.out_dir)
+    resume_from = check_out_dir(out_dir, args.resume)
+    if args.resume and resume_from is None:
+        print(f"no checkpoint in {out_dir / 'checkpoints'}; starting from the beginning", flush=True)
+    bf16 = torch.cuda.is_available() if args.bf16 == "auto" else args.bf16
+    trainer, tokenizer, model_path, counts = BUILDERS[args.command](args, out_dir, bf16)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+
+    if args.lora:
+        final = trainer.model.merge_and_unload() if trainer.is_world_process_zero() else None
+        if final is not None:
+            final.save_pretrained(out_dir)  # merged: generate loads a plain model, no peft needed
+    else:
+        trainer.save_model(str(out_dir))  # every rank: FSDP / DeepSpeed gather the weights here
+    if not trainer.is_world_process_zero():
+        return {}
+    tokenizer.save_pretrained(out_dir)
+    metrics = {
+        "stage": args.command,
+        "train_loss": result.training_loss,
+        "train_steps": result.global_step,
+        "learning_rate": args.learning_rate,
+        "counts": counts,
+        "log": trainer.state.log_history,
+    }
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    write_manifest(out_dir / "manifest.json", stage=args.command, config=public_config(args), model=args.model, model_path=model_path,
+                   seed=args.seed, started_at=started, finished_at=now(), resumed_from=resume_from,
+                   counts={**counts, "train_steps": result.global_step})
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # they only serve --resume
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from rlcd.models import DEFAULT_MODEL
+
+    stage = p.prog.rsplit(" ", 1)[-1]  # cli.py names each subparser "rlcd <stage>"
+    full_lr, lora_lr = LEARNING_RATES[stage]
+    if stage == "rloo":
+        p.add_argument("--prompts", "--prompts-file", dest="prompts", help="hh-rlhf jsonl(.gz) or a plain list of questions (the train split)")
+        p.add_argument("--reward-model", help="reward model directory written by rlcd train-rm")
+    else:
+        p.add_argument("--data", help="preference table (CSV or JSONL) from rlcd consolidate, or the original release's")
+    p.add_argument("--model", "--model-string", default=DEFAULT_MODEL,
+                   help=f"policy to start from: a Hugging Face directory or hub id, or '{DEFAULT_MODEL}' (the embedded default; default)")
+    p.add_argument("--out-dir", help="directory for the final model, metrics.json, manifest.json and checkpoints/")
+    p.add_argument("--learning-rate", type=float, default=None, help=f"peak learning rate (cosine, 3%% warmup); default {full_lr:g}, {lora_lr:g} with --lora")
+    if stage == "sft":
+        p.add_argument("--epochs", type=float, default=3.0, help="passes over the table (paper: 3)")
+        p.add_argument("--batch-size", type=positive_int, default=8, help="examples per device per step (default 8)")
+        p.add_argument("--gradient-accumulation-steps", type=positive_int, default=16,
+                       help="micro-batches per optimizer step; effective batch = batch size x this x GPUs (paper: 128; default 8 x 16)")
+    elif stage == "dpo":
+        p.add_argument("--epochs", type=float, default=1.0, help="passes over the table (default 1)")
+        p.add_argument("--batch-size", type=positive_int, default=8, help="pairs per device per step (default 8)")
+        p.add_argument("--gradient-accumulation-steps", type=positive_int, default=8,
+                       help="micro-batches per optimizer step; effective batch = batch size x this x GPUs (default 64 pairs)")
+        p.add_argument("--beta", type=float, default=0.1, help="DPO beta: strength of the pull towards the starting model (default 0.1)")
+    else:
+        p.add_argument("--epochs", type=float, default=1.0, help="passes over the prompts (default 1; --max-steps usually ends sooner)")
+        p.add_argument("--batch-size", type=positive_int, default=8, help="completions per device per micro-batch (default 8)")
+        p.add_argument("--gradient-accumulation-steps", type=positive_int, default=8,
+                       help="micro-batches per optimizer step (default 8: 64 completions, 16 prompts x 4 on one GPU)")
+        p.add_argument("--num-generations", type=positive_int, default=4, help="completions per prompt, the leave-one-out group (default 4)")
+        p.add_argument("--beta", type=float, default=0.05, help="KL coefficient to the starting model (TRL's default 0.05)")
+        p.add_argument("--max-new-tokens", type=positive_int, default=300, help="most tokens per completion (default 300, as PPO)")
+        p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1; no top-k/top-p, as PPO)")
+        p.add_argument("--max-prompt-tokens", type=positive_int, default=192, help="skip longer prompts (default 192, as PPO)")
+        p.add_argument("--max-prompts", type=positive_int, default=None, help="use only the first N usable prompts")
+        p.add_argument("--rm-batch-size", type=positive_int, default=32, help="texts per reward-model forward pass (default 32)")
+    if stage != "rloo":
+        p.add_argument("--max-length", type=positive_int, default=512, help="tokens per training sequence, prompt included; longer ones lose their end (default 512)")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights; the saved model is merged")
+    p.add_argument("--lora-r", type=positive_int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA scaling alpha (default 32)")
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA inputs (default 0.05)")
+    p.add_argument("--lora-target-modules", default="all-linear", help="comma-separated module names, or all-linear (default)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass to save memory")
+    p.add_argument("--bf16", type=parse_bf16, default="auto", help="bf16 mixed precision: auto (on when CUDA is available), true or false")
+    p.add_argument("--save-steps", type=non_negative_int, default=500,
+                   help="save a checkpoint (for --resume) every this many steps; only the last is kept, and it is deleted once "
+                        "training finishes; 0 saves none (default 500)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT_DIR/checkpoints")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps (overrides --epochs)")
+    p.add_argument("--seed", type=int, default=42, help="seed for initialisation, data order and sampling (default 42)")
+
+
+REQUIRED = {"sft": ("data", "out_dir"), "dpo": ("data", "out_dir"), "rloo": ("prompts", "reward_model", "out_dir")}
+
+
+def check_settings(args: argparse.Namespace) -> None:
+    checks = [
+        (0 < args.learning_rate < 1, f"--learning-rate {args.learning_rate:g}: expected a value in (0, 1), e.g. 1e-5"),
+        (args.epochs > 0, "--epochs must be positive"),
+        (getattr(args, "max_length", 16) >= 16, "--max-length must be at least 16 tokens"),
+        (0 <= args.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
+    ]
+    if args.command in ("dpo", "rloo"):
+        checks.append((0 <= args.beta <= 100, f"--beta {args.beta:g}: expected a value in [0, 100]"))
+    if args.command == "rloo":
+        micro = args.batch_size * args.gradient_accumulation_steps
+        checks += [
+            (args.num_generations >= 2, "--num-generations must be at least 2 (RLOO's baseline is the other completions of the prompt)"),
+            (micro % args.num_generations == 0,
+             f"--batch-size x --gradient-accumulation-steps ({micro}) must be a multiple of --num-generations ({args.num_generations})"),
+            (0 < args.temperature <= 10, "--temperature must be in (0, 10]"),
+        ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
+def run(args: argparse.Namespace) -> None:
+    for flag in REQUIRED[args.command]:
+        if not getattr(args, flag):
+            raise UserError(f"--{flag.replace('_', '-')} is required")
+    if args.learning_rate is None:
+        args.learning_rate = LEARNING_RATES[args.command][1 if args.lora else 0]
+    args.bf16 = parse_bf16(args.bf16)
+    check_settings(args)
+    out_dir = Path(args.out_dir)
+    if args.resume and (out_dir / "metrics.json").exists():
+        print(f"{out_dir}: already trained (metrics.json exists); nothing to do")
+        print(out_dir)
+        return
+    metrics = train(args)
+    if not metrics:  # not the main process
+        return
+    print(f"{args.command}: {metrics['train_steps']} steps, train loss {metrics['train_loss']:.4f}; {json.dumps(metrics['counts'])}")
+    print(out_dir)
