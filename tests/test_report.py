@@ -1,0 +1,223 @@
+"""rlcd report: hand-made run directories in the documented layout -> report.md, report.html, plots."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from rlcd.cli import main
+
+LONG_OUTPUT = "I can help with that. " * 60  # over the collapse limit: shown under <details>
+HOSTILE = "Sure: <script>alert('x')</script> & </details></div> | done"  # must come out as text
+
+
+def write(path: Path, content) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content if isinstance(content, str) else json.dumps(content), encoding="utf-8")
+
+
+def outputs(texts: list[str], scores: list[float] | None = None) -> list[dict]:
+    items = [{"instruction": f"\n\nHuman: question {i}?\n\nAssistant:", "output": t, "num_tokens": 4 * len(t.split())}
+             for i, t in enumerate(texts)]
+    if scores:
+        for item, s in zip(items, scores):
+            item["score"] = s
+    return items
+
+
+def ppo_log(steps: int, drift: float) -> str:
+    return "".join(json.dumps({"step": s, "reward_mean": drift * s - 0.02 * s, "reward_std": 1.0, "score_mean": drift * s,
+                               "kl": 0.5 * s, "entropy": 2.0, "response_length": 40 + s, "missing_marker_frac": 0.1,
+                               "clip_frac": 0.05, "value_loss": 0.3, "policy_loss": -0.01, "lr": 1e-5,
+                               "time_rollout": 1.0, "time_score": 0.2, "time_train": 0.5}) + "\n" for s in range(1, steps + 1))
+
+
+def compare(name1: str, name2: str, win_rate: float, ci: list[float]) -> dict:
+    return {"version": 1, "in_file1": f"outputs/{name1}.json", "in_file2": f"outputs/{name2}.json", "name1": name1, "name2": name2,
+            "judge": "smollm2", "prompt_format": "rlcd",
+            "summary": {"n": 3, "win_rate": win_rate, "ci95": ci, "wins": 2, "losses": 1, "ties": 0,
+                        "single_order_win_rate": 0.6, "first_position_rate": 0.55, "unparsed": 1,
+                        "tokens": {"prompt": 900, "completion": 30}, "cached": 0, "requests": 6},
+            "items": []}
+
+
+def make_run(root: Path, parts: set[str] | None = None) -> Path:
+    """A small run directory with every artifact the report reads (or only `parts` of them)."""
+    want = (lambda part: parts is None or part in parts)
+    if want("config"):
+        write(root / "config.yaml", "task: harmless\nmodel: smollm2\n")
+    if want("pipeline"):
+        write(root / "pipeline.json", {"stages": [
+            {"stage": "simulate", "name": "rlcd", "status": "done", "seconds": 3725.0, "outputs": ["simulate/rlcd"]},
+            {"stage": "train-rm", "name": "rlcd", "status": "done", "seconds": 95.5, "outputs": ["rm/rlcd"]},
+            {"stage": "ppo", "name": "rlcd-ppo", "status": "skipped", "seconds": 0.0, "outputs": []}]})
+    if want("prefs"):
+        write(root / "prefs/rlcd.csv", "instruction,input,output_1,output_2,preference\n"
+                                        "q1,,a short one,a much longer answer here,2\nq2,,one two three,four,1\n")
+        write(root / "prefs/rlaif.csv", "instruction,input,output_1,output_2,preference,win2_prob\n"
+                                         "q1,,x y,z,1,0.25\nq2,,x,y z w,1,0.9\n")
+    if want("rm"):
+        write(root / "rm/rlcd/eval.json", {"pairs": 200, "accuracy": 0.625, "accuracy_ci95": [0.555, 0.69], "mean_prob": 0.571,
+                                           "ties": 0, "skipped": {"empty": 2}, "model_path": "rm/rlcd", "data_path": "t", "seconds": 3})
+        write(root / "rm/rlaif/eval.json", {"pairs": 200, "accuracy": 0.51, "accuracy_ci95": [0.44, 0.58], "mean_prob": 0.502,
+                                            "ties": 1, "skipped": {}, "model_path": "rm/rlaif", "data_path": "t", "seconds": 3})
+    if want("policy"):
+        write(root / "policy/rlcd-ppo/log.jsonl", ppo_log(12, 0.1))
+        write(root / "policy/rlaif-ppo/log.jsonl", ppo_log(8, 0.05))
+    if want("outputs"):
+        write(root / "outputs/base.json", outputs(["plain answer", "another", "third"]))
+        write(root / "outputs/base.scored.json", outputs(["plain answer", "another", "third"], [-0.5, 0.1, -0.2]))
+        write(root / "outputs/base.scored.json.manifest.json", {"stage": "score"})
+        write(root / "outputs/rlcd-ppo.scored.json", outputs([HOSTILE, LONG_OUTPUT, "ok"], [1.5, 0.8, 1.1]))
+        write(root / "outputs/rlaif-ppo.json", outputs(["fine", "also fine", "x"]))
+    if want("compare"):
+        write(root / "compare/base-vs-rlcd-ppo.json", compare("base", "rlcd-ppo", 0.625, [0.55, 0.7]))
+        write(root / "compare/rlaif-ppo-vs-rlcd-ppo.json", compare("rlaif-ppo", "rlcd-ppo", 0.48, [0.4, 0.56]))
+        write(root / "compare/base-vs-rlcd-ppo.json.manifest.json", {"stage": "compare"})
+    return root
+
+
+def report(capsys, *argv: str) -> tuple[Path, str, str]:
+    """Run `rlcd report ...`; return (report.html path from the last printed line, report.html text, report.md text)."""
+    main(["report", *argv])
+    html_path = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    return html_path, html_path.read_text(encoding="utf-8"), html_path.with_name("report.md").read_text(encoding="utf-8")
+
+
+def test_full_run_has_every_section_table_and_plot(tmp_path, capsys):
+    run = make_run(tmp_path / "run")
+    html_path, page, md = report(capsys, str(run))
+    assert html_path == run / "report" / "report.html"
+    for heading in ["Pipeline stages", "Preference data", "Reward models: agreement with human labels", "PPO training",
+                    "Win rates (LLM judge)", "Outputs: lengths and reward-model scores", "Example outputs side by side",
+                    "Configuration"]:
+        assert f"## {heading}" in md and heading in page
+    assert "Not yet available" not in page and "Skipped inputs" not in page
+    for png in ["ppo_curves.png", "win_rates.png", "scores.png"]:
+        assert (run / "report" / png).stat().st_size > 5000 and f'src="{png}"' in page and f"]({png})" in md
+    # figures as computed from the fixture files
+    assert "| rlcd | 200 | 62.5% [55.5, 69.0] | 0.571 | 0 | 2 |" in md  # RM agreement
+    assert "| rlcd-ppo vs base | smollm2 | 3 | 62.5% [55.0, 70.0] | 2/0/1 | 60.0% | 55.0% | 1 |" in md
+    assert "| rlaif | 2 | 0 | 100.0% | 1.5 | 2.0 | 50.0% |" in md  # preferred: 'x y', 'x'; other: 'z', 'y z w'
+    assert "| rlcd | 2 | 0 | 0.0% | 4.0 | 2.0 | 100.0% |" in md
+    assert "| simulate | rlcd | done | 1 h 02 min | 1 |" in md and "| total |  |  | 1 h 03 min |  |" in md
+    assert "| rlcd-ppo | 12 | 0.600 | 0.750 | 3.750 | 47.500 |" in md  # means of steps 3..12
+    assert "| base | 3 | 1.3 | 5.3 | -0.200 | 0.300 |" in md  # the scored file stands in for base.json
+    assert "| rlaif-ppo | 3 | 1.3 | 5.3 | — | — |" in md
+    assert "base.scored.json" not in md and ".manifest" not in md  # manifests beside artifacts are not systems
+    # the example outputs are escaped text, long ones collapsed
+    assert "<script>" not in page and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; &lt;/details&gt;" in page
+    assert page.count("<details><summary>show the rest") == 1
+    assert "http://" not in page and "https://" not in page  # self-contained
+    assert (run / "report" / "manifest.json").exists()
+
+
+def test_only_some_inputs_give_their_sections_and_say_what_is_missing(tmp_path, capsys):
+    run = make_run(tmp_path / "run", {"prefs", "rm"})
+    _, page, md = report(capsys, str(run), "--out-dir", str(tmp_path / "elsewhere"))
+    assert "## Preference data" in md and "## Reward models: agreement with human labels" in md
+    for absent in ["PPO training", "Win rates", "Example outputs", "Pipeline stages", "Configuration"]:
+        assert f"## {absent}" not in md
+    assert "PPO training: no `policy/*/log.jsonl` yet" in md and "<code>compare/*.json</code>" in page
+    assert not list((tmp_path / "elsewhere").glob("*.png")) and "<img" not in page
+
+
+def test_unscored_outputs_have_no_score_plot_and_say_so(tmp_path, capsys):
+    run = tmp_path / "run"
+    write(run / "outputs/base.json", outputs(["a b", "c"]))
+    _, page, md = report(capsys, str(run), "--examples", "1")
+    assert "Reward-score distributions: no `outputs/*.scored.json` yet" in md and "<img" not in page
+    assert "### Prompt 1" in md and "### Prompt 2" not in md
+
+
+def test_examples_zero_leaves_the_section_out(tmp_path, capsys):
+    run = make_run(tmp_path / "run", {"outputs"})
+    _, _, md = report(capsys, str(run), "--examples", "0")
+    assert "Example outputs" not in md and "## Outputs: lengths" in md
+
+
+def test_empty_run_gives_a_short_page_saying_what_is_missing(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    _, page, md = report(capsys, str(tmp_path / "run"))
+    assert "Nothing to report yet" in md and "Nothing to report yet" in page and "<section" not in page
+    for inputs in ["pipeline.json", "prefs/*.csv", "rm/*/eval.json", "policy/*/log.jsonl", "outputs/*.json", "compare/*.json"]:
+        assert f"`{inputs}`" in md
+
+
+def test_malformed_inputs_are_skipped_and_named(tmp_path, capsys):
+    run = make_run(tmp_path / "run")
+    write(run / "compare/base-vs-rlaif-ppo.json", '{"summary": {"n": 3,')
+    write(run / "rm/rlaif/eval.json", {"pairs": 10, "mean_prob": 0.5, "accuracy_ci95": [0.1, 0.2]})
+    log = run / "policy/rlaif-ppo/log.jsonl"
+    log.write_text(ppo_log(2, 0.1) + "not json\n" + ppo_log(1, 0.1))
+    with (run / "policy/rlcd-ppo/log.jsonl").open("a") as f:
+        f.write('{"step": 13, "reward_m')  # a torn last line: PPO is still writing
+    main(["report", str(run)])
+    out, err = capsys.readouterr()
+    page = Path(out.strip().splitlines()[-1]).read_text()
+    assert "3 input files skipped" in out
+    for line in [f"{run}/compare/base-vs-rlaif-ppo.json:1: not valid JSON",
+                 f"{run}/rm/rlaif/eval.json: field &#x27;accuracy&#x27; missing or not a number",
+                 f"{log}:3: corrupt record"]:
+        assert line in page
+    assert err.count("skipped ") == 3 and "compare/base-vs-rlaif-ppo.json:1: not valid JSON" in err
+    md = (run / "report/report.md").read_text()
+    assert "| rlcd-ppo | 12 |" in md and "rlaif-ppo | 8" not in md  # the torn line is ignored; the broken log left out
+    assert "| rlcd | 200 |" in md and "| rlaif | 200 |" not in md
+
+
+def test_missing_run_dir_is_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["report", str(tmp_path / "nope")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"rlcd report: error: {tmp_path / 'nope'}: no such run directory\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# In a real headless browser
+# --------------------------------------------------------------------------------------------------
+
+
+class _Dom(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags: dict[str, list[dict]] = {}
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.setdefault(tag, []).append(dict(attrs))
+
+
+def chromium(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if not exe:
+        pytest.skip("no Chromium installed (apt-get install chromium); the browser check of the report needs it")
+    return subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           f"--user-data-dir={tmp_path / 'chromium-profile'}", *args],
+                          capture_output=True, text=True, timeout=180)
+
+
+def test_report_renders_in_headless_chromium(tmp_path, capsys):
+    run = make_run(tmp_path / "run")
+    html_path, _, _ = report(capsys, str(run))
+    shot = tmp_path / "shot.png"
+    result = chromium(f"--screenshot={shot}", "--window-size=1200,2000", html_path.as_uri(), tmp_path=tmp_path)
+    assert shot.exists(), result.stderr[-2000:]
+    from matplotlib.image import imread
+
+    pixels = imread(shot)[..., :3]
+    assert pixels.shape[:2] == (2000, 1200)
+    assert pixels.std() > 0.05 and (pixels.mean(axis=2) < 0.3).mean() > 0.005  # not blank: there is dark text and plots
+
+    dom = chromium("--dump-dom", html_path.as_uri(), tmp_path=tmp_path)
+    parser = _Dom()
+    parser.feed(dom.stdout)
+    assert len(parser.tags.get("table", [])) == 6 and "script" not in parser.tags
+    images = [img["src"] for img in parser.tags["img"]]
+    assert sorted(images) == ["ppo_curves.png", "scores.png", "win_rates.png"]
+    assert all((html_path.parent / src).is_file() for src in images)
+    assert len(parser.tags["details"]) == 2  # the long output and the config
