@@ -29,6 +29,7 @@ STAGES = {
     "dpo": ("rlcd.baselines", "DPO on a preference table (TRL)"),
     "rloo": ("rlcd.baselines", "RLOO against a reward model (TRL)"),
     "ppo": ("rlcd.ppo", "align a policy with PPO against a reward model"),
+    "report": ("rlcd.report", "Markdown + HTML report with plots of a run directory"),
     "compare": ("rlcd.judge", "pairwise LLM judge of two outputs files: win rate, both orders, cached"),
 }
 
