@@ -223,3 +223,14 @@ def test_missing_model_directory_is_one_line_error(tmp_path, test_prompts, capsy
         main(["generate", "--model", str(tmp_path / "nope"), "--prompts", str(test_prompts), "--out-file", str(tmp_path / "o.json")])
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--model" in err[0]
+
+
+@pytest.mark.slow
+def test_default_model_outputs_do_not_depend_on_batch_size(tmp_path, default_model_path, capsys):
+    from conftest import EXAMPLE_PROMPTS
+
+    one = run_generate("smollm2", EXAMPLE_PROMPTS, tmp_path / "a.json", capsys, "--max-instances", "3", "--batch-size", "1",
+                       "--max-new-tokens", "24")
+    assert run_generate("smollm2", EXAMPLE_PROMPTS, tmp_path / "b.json", capsys, "--max-instances", "3", "--batch-size", "3",
+                        "--max-new-tokens", "24") == one
+    assert all(o["raw_output"].strip() and o["output"] == postprocess(o["raw_output"]) for o in one)
