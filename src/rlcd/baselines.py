@@ -218,7 +218,8 @@ def build_rloo(args: argparse.Namespace, out_dir: Path, bf16: bool):
     model, tokenizer, path = load_policy(args, bf16)
     lengths = tokenizer([p for _, p in prompts.items], add_special_tokens=True, verbose=False)["input_ids"] if prompts.items else []
     kept = [p for (_, p), ids in zip(prompts.items, lengths) if len(ids) <= args.max_prompt_tokens]
-    skipped[f"longer than --max-prompt-tokens {args.max_prompt_tokens}"] += len(prompts.items) - len(kept)
+    if len(kept) < len(prompts.items):
+        skipped[f"longer than --max-prompt-tokens {args.max_prompt_tokens}"] += len(prompts.items) - len(kept)
     kept = kept[: args.max_prompts] if args.max_prompts else kept
     if not kept:
         raise UserError(f"{args.prompts}: no usable prompts (skipped: {dict(skipped) or 'none'})")
