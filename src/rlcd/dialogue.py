@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlcd.files import UserError, iter_lines, open_text
+from rlcd.files import UserError, is_text, iter_lines, load_json
 
 HUMAN = "\n\nHuman:"
 ASSISTANT = "\n\nAssistant:"
@@ -75,6 +75,8 @@ def load_prompts(path: str | Path, dedupe: bool = False, exclude: str | Path | N
     for index, where, value in _raw_items(path):
         try:
             prompt = _to_prompt(value)
+            if not is_text(prompt):
+                raise ValueError("not valid Unicode (a lone surrogate such as \\ud800)")
         except ValueError as e:
             result.skip(where, str(e))
             continue
@@ -93,11 +95,7 @@ def load_prompts(path: str | Path, dedupe: bool = False, exclude: str | Path | N
 def _raw_items(path: Path):
     name = path.name.removesuffix(".gz")
     if name.endswith(".json"):
-        with open_text(path) as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        data = load_json(path)
         if not isinstance(data, list):
             raise UserError(f"{path}: expected a JSON list of prompts")
         for i, value in enumerate(data):

@@ -6,8 +6,10 @@ import datetime
 import gzip
 import json
 import os
+import re
 import sys
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -18,16 +20,28 @@ class UserError(Exception):
     """A mistake the user can fix; the CLI prints it as one line, without a traceback."""
 
 
-def open_text(path: str | Path):
-    """Open a text file for reading, transparently gunzipping `.gz` files."""
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def is_text(value) -> bool:
+    """A str that can be written back as UTF-8: JSON escapes such as "\\ud800" decode to lone
+    surrogates, which every later write (and every tokenizer) would fail on."""
+    return isinstance(value, str) and not _LONE_SURROGATE.search(value)
+
+
+def open_text(path: str | Path, newline: str | None = None):
+    """Open a text file for reading, transparently gunzipping `.gz` files (newline="" for CSV)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file")
     if path.is_dir():
         raise UserError(f"{path}: is a directory, expected a file")
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
+    try:
+        if path.suffix == ".gz":
+            return gzip.open(path, "rt", encoding="utf-8", errors="replace", newline=newline)
+        return open(path, encoding="utf-8", errors="replace", newline=newline)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
 
 
 def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
@@ -37,23 +51,61 @@ def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
             for lineno, line in enumerate(f, 1):
                 if line.strip():
                     yield lineno, line.rstrip("\n")
-        except (OSError, EOFError) as e:  # truncated or corrupt gzip
+        except (OSError, EOFError, zlib.error) as e:  # truncated or corrupt gzip
             raise UserError(f"{path}: unreadable ({e})") from None
 
 
-def append_lines(path: Path, records: list[dict]) -> None:
-    """Append records as JSON lines in one write, then flush and fsync.
+def load_json(path: str | Path):
+    """The JSON document in a file (.gz too); one-line errors for bad JSON and bad gzip."""
+    with open_text(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        except (OSError, EOFError, zlib.error) as e:
+            raise UserError(f"{path}: unreadable ({e})") from None
 
-    One write per batch keeps a crash from leaving more than one torn line, and
-    `load_shard` drops that line on the next start.
+
+def _encode(path, text: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate that a reader let through
+        raise UserError(f"{path}: cannot write text that is not valid Unicode ({e.reason} at character {e.start})") from None
+
+
+def _write_error(path, e: OSError) -> UserError:
+    return UserError(f"{path}: cannot write ({e.strerror or e}); earlier data there is kept")
+
+
+def append_lines(path: Path, records: list[dict]) -> None:
+    """Append records as JSON lines, then fsync; all of them or none.
+
+    A write that fails (disk full, file-size limit) is cut back off, so the file
+    holds only whole batches. A crash (kill -9) can still leave one torn last
+    line, which `load_shard` drops on the next start. One writer per file.
     """
     if not records:
         return
-    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    data = _encode(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise _write_error(path, e) from None
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except OSError as e:
+            try:
+                os.ftruncate(fd, start)
+            except OSError:
+                pass
+            raise _write_error(path, e) from None
+    finally:
+        os.close(fd)
 
 
 def load_shard(path: Path, repair: bool = False) -> list[dict]:
@@ -68,32 +120,41 @@ def load_shard(path: Path, repair: bool = False) -> list[dict]:
     raw = path.read_bytes()
     end = raw.rfind(b"\n") + 1
     if repair and end < len(raw):
-        with open(path, "r+b") as f:
-            f.truncate(end)
+        try:
+            os.truncate(path, end)
+        except OSError as e:
+            raise _write_error(path, e) from None
     records = []
-    for lineno, line in enumerate(raw[:end].decode("utf-8").splitlines(), 1):
+    for lineno, line in enumerate(raw[:end].split(b"\n"), 1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno}: corrupt record ({e.msg}); move the file away or fix the line") from None
+            records.append(json.loads(line.decode("utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            reason = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
+            raise UserError(f"{path}:{lineno}: corrupt record ({reason}); move the file away or fix the line") from None
     return records
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a file so that readers see either the old or the new content, never a part."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    data = _encode(path, text)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise _write_error(path, e) from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _write_error(path, e) from None
         raise
 
 

@@ -15,10 +15,11 @@ import json
 import math
 import random
 import sys
+import zlib
 from collections import Counter
 from pathlib import Path
 
-from rlcd.files import UserError, atomic_write_text, iter_lines, load_shard, open_text, write_manifest
+from rlcd.files import UserError, atomic_write_text, is_text, iter_lines, load_shard, open_text, write_manifest
 
 METHODS = ("rlcd", "rlaif", "rlcd_rescore")
 COLUMNS = ["instruction", "input", "output_1", "output_2", "preference"]
@@ -39,6 +40,34 @@ def latest_records(records) -> dict[int, dict]:
     return by_index
 
 
+def load_records(path: Path, repair: bool = False) -> list[dict]:
+    """The records of one simulation shard (`load_shard`), each checked for the fields later stages read."""
+    records = load_shard(path, repair=repair)
+    for n, record in enumerate(records, 1):
+        problem = _record_problem(record)
+        if problem:
+            raise UserError(f"{path}: record {n}: {problem}; the shard was edited or damaged: move it away or fix the record")
+    return records
+
+
+def _record_problem(r) -> str | None:
+    if not isinstance(r, dict):
+        return "not a JSON object"
+    if not isinstance(r.get("index"), int) or isinstance(r["index"], bool) or r["index"] < 0:
+        return "field 'index' is not a non-negative integer"
+    if r.get("method") not in METHODS:
+        return f"field 'method' is not one of {list(METHODS)}"
+    if r.get("status") not in ("ok", "failed"):
+        return "field 'status' is not 'ok' or 'failed'"
+    if r["status"] == "ok":
+        slots = ("chosen", "rejected") if r["method"] == "rlcd" else ("A", "B")
+        if not isinstance(r.get("outputs"), dict) or not all(isinstance(r["outputs"].get(s), str) for s in slots):
+            return f"field 'outputs' lacks {' or '.join(slots)}"
+        if r["method"] != "rlcd" and (not isinstance(r.get("win2_prob"), (int, float)) or isinstance(r["win2_prob"], bool)):
+            return "field 'win2_prob' is not a number"
+    return None
+
+
 def read_shards(in_dir: Path) -> tuple[list[dict], list[dict]]:
     """All records of a simulation directory in index order, and its shard manifests."""
     if not in_dir.is_dir():
@@ -46,12 +75,12 @@ def read_shards(in_dir: Path) -> tuple[list[dict], list[dict]]:
     paths = sorted(in_dir.glob("records-*.jsonl"))
     if not paths:
         raise UserError(f"{in_dir}: no records-*.jsonl shards (run rlcd simulate --out-dir {in_dir} first)")
-    by_index = latest_records(r for path in paths for r in load_shard(path))
+    by_index = latest_records(r for path in paths for r in load_records(path))
     manifests = []
     for path in sorted(in_dir.glob("manifest-*.json")):
         try:
             manifests.append(json.loads(path.read_text(encoding="utf-8")))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             raise UserError(f"{path}: corrupt manifest; re-run rlcd simulate to rewrite it") from None
     return [by_index[i] for i in sorted(by_index)], manifests
 
@@ -85,7 +114,8 @@ def write_table(rows: list[dict], path: Path, scored: bool) -> None:
         text = "".join(json.dumps({c: r[c] for c in columns}, ensure_ascii=False) + "\n" for r in rows)
     else:
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        # every text cell quoted: with the minimal quoting a lone CR inside an output went out bare and split the row
+        writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)
         writer.writeheader()
         writer.writerows(rows)
         text = buf.getvalue()
@@ -114,58 +144,76 @@ def summarize(rows: list[dict], counts: Counter) -> dict:
 def read_table(path: str | Path) -> tuple[list[dict], Counter]:
     """Read a preference table (CSV or JSONL) into rows of prompt, output_1, output_2, preference, win2_prob.
 
-    Missing or unknown columns are errors. Rows with an empty response, a preference
-    other than 1 or 2, or a win2_prob that is not a number in [0, 1] are skipped and
-    counted (returned as a Counter of reasons).
+    Missing or unknown columns, rows of the wrong shape and non-text cells are errors. Rows
+    with an empty prompt or response, text that is not valid Unicode, a preference other than
+    1 or 2, or a win2_prob that is not a number in [0, 1] are skipped and counted (returned as a
+    Counter of reasons): every row is either returned or counted.
     """
     path = Path(path)
-    raw = list(_iter_table(path))
     rows, skipped = [], Counter()
-    for where, rec in raw:
+    for where, rec in _iter_table(path):
         prompt = rec.get("instruction", rec.get("prompt"))
         if "chosen" in rec and "output_1" not in rec:
             rec = {**rec, "output_1": rec["chosen"], "output_2": rec.get("rejected"), "preference": 1}
         out1, out2 = rec.get("output_1"), rec.get("output_2")
         if not isinstance(prompt, str) or not isinstance(out1, str) or not isinstance(out2, str):
             raise UserError(f"{where}: prompt and both outputs must be text")
-        if not out1.strip() or not out2.strip():
-            skipped["empty response"] += 1
-            continue
-        try:
-            preference = int(float(rec.get("preference")))
-        except (TypeError, ValueError):
-            preference = None
-        if preference not in (1, 2):
-            skipped["preference not 1 or 2"] += 1
-            continue
-        win2 = rec.get("win2_prob")
-        if win2 not in (None, ""):
-            try:
-                win2 = float(win2)
-            except (TypeError, ValueError):
-                win2 = math.nan
-            if not 0.0 <= win2 <= 1.0:  # also catches NaN
-                skipped["win2_prob not a number in [0, 1]"] += 1
-                continue
+        preference = _preference(rec.get("preference"))
+        win2 = None if rec.get("win2_prob") in (None, "") else _probability(rec["win2_prob"])
+        if not all(map(is_text, (prompt, out1, out2))):
+            reason = "text not valid Unicode (lone surrogate)"
+        elif not prompt.strip():
+            reason = "empty prompt"
+        elif not out1.strip() or not out2.strip():
+            reason = "empty response"
+        elif preference is None:
+            reason = "preference not 1 or 2"
+        elif win2 is not None and math.isnan(win2):
+            reason = "win2_prob not a number in [0, 1]"
         else:
-            win2 = None
+            reason = None
+        if reason:
+            skipped[reason] += 1
+            continue
         rows.append({"prompt": prompt, "output_1": out1, "output_2": out2, "preference": preference, "win2_prob": win2})
     if not rows:
         raise UserError(f"{path}: no usable rows ({dict(skipped) or 'empty table'})")
     return rows, skipped
 
 
+def _preference(value) -> int | None:
+    """1 or 2 from 1, 2, 1.0, "2", "2.0"; None for anything else (1.5, true, "x", "inf")."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return int(number) if number in (1.0, 2.0) else None
+
+
+def _probability(value) -> float:
+    """A probability in [0, 1], or NaN when the value is not one."""
+    if isinstance(value, bool):
+        return math.nan
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return number if 0.0 <= number <= 1.0 else math.nan
+
+
 def _iter_table(path: Path):
     def check_columns(columns, where):
         unknown = set(columns) - KNOWN_COLUMNS
         if unknown:
-            raise UserError(f"{where}: unknown column(s) {sorted(unknown)}; expected {SCORED_COLUMNS}")
+            raise UserError(f"{where}: unknown column(s) {sorted(map(str, unknown))}; expected {SCORED_COLUMNS}")
         if not ({"instruction", "prompt"} & set(columns)):
             raise UserError(f"{where}: missing column 'instruction' (or 'prompt')")
         if not ({"output_1", "output_2", "preference"} <= set(columns) or {"chosen", "rejected"} <= set(columns)):
             raise UserError(f"{where}: missing columns: need output_1, output_2, preference (or chosen, rejected)")
 
-    if path.suffix in (".jsonl", ".gz") or path.name.endswith(".jsonl.gz"):
+    if path.name.removesuffix(".gz").endswith(".jsonl"):
         for lineno, line in iter_lines(path):
             try:
                 rec = json.loads(line)
@@ -175,13 +223,23 @@ def _iter_table(path: Path):
                 raise UserError(f"{path}:{lineno}: expected a JSON object")
             check_columns(rec.keys(), f"{path}:{lineno}")
             yield f"{path}:{lineno}", rec
-    else:
-        csv.field_size_limit(sys.maxsize)
-        with open_text(path) as f:
-            reader = csv.DictReader(f)
+        return
+    csv.field_size_limit(sys.maxsize)
+    with open_text(path, newline="") as f:  # newline="": a line break inside a quoted cell stays as written
+        reader = csv.DictReader(f)
+        try:
             check_columns(reader.fieldnames or [], f"{path}:1")
             for rec in reader:
-                yield f"{path}:{reader.line_num}", rec
+                where = f"{path}:{reader.line_num}"
+                if None in rec:  # DictReader's marks of a row longer or shorter than the header
+                    raise UserError(f"{where}: more cells than the header's {len(reader.fieldnames)} columns")
+                if None in rec.values():
+                    raise UserError(f"{where}: fewer cells than the header's {len(reader.fieldnames)} columns")
+                yield where, rec
+        except csv.Error as e:
+            raise UserError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
+        except (OSError, EOFError, zlib.error) as e:
+            raise UserError(f"{path}: unreadable ({e})") from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,160 @@
+"""Shared pieces of the reliability suite: a scripted engine, subprocess runners, a fault server, checks.
+
+(Not a conftest.py: tests/conftest.py is imported by name elsewhere, and a second conftest module
+would shadow it.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from rlcd.engines import Completion
+from rlcd.files import load_shard
+
+HERE = Path(__file__).resolve().parent
+
+
+class ScriptedEngine:
+    """Deterministic in (prompt, seed), like the real seeded engines: seeds divisible by 3 and prompts
+    asking to FAIL never end their turn; judged by reply length. `delay` seconds per generate call."""
+
+    name, context_length, can_ban_tokens = "scripted", None, False
+
+    def __init__(self, delay: float = 0.0):
+        self.delay, self.calls = delay, 0
+
+    def count_tokens(self, text):
+        return None
+
+    def generate(self, prompts, params, seeds):
+        self.calls += 1
+        time.sleep(self.delay)
+        out = []
+        for prompt, seed in zip(prompts, seeds):
+            if "FAIL" in prompt or seed % 3 == 0:
+                out.append(Completion(" rambling on", "length", 3))
+            else:
+                out.append(Completion(f" reply {len(prompt) % 97}-{seed % 1000}\n\nHuman", "stop", 5))
+        return out
+
+    def next_token_logprobs(self, prompts, candidates):
+        rows = []
+        for p in prompts:
+            a = p.split("(A) ")[1].split("\n")[0]
+            b = p.split("(B) ")[1].split("\n")[0]
+            rows.append([-len(a) / 10, -len(b) / 10])
+        return rows, ["A", "B"]
+
+
+def scripted_simulate(*args, delay: float = 0.0) -> None:
+    """`rlcd simulate` in this process with the scripted engine."""
+    from unittest import mock
+
+    from rlcd import simulate
+    from rlcd.cli import main
+
+    with mock.patch.object(simulate, "make_engine", lambda a: (ScriptedEngine(delay), {"backend": "scripted"})):
+        main(["simulate", *map(str, args)])
+
+
+def env(**extra) -> dict:
+    out = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    out.pop("WORLD_SIZE", None)
+    out.pop("RANK", None)
+    out.update({k: str(v) for k, v in extra.items()})
+    return out
+
+
+def rlcd_cmd(*args) -> list[str]:
+    return [sys.executable, "-m", "rlcd", *map(str, args)]
+
+
+def scripted_cmd(*args) -> list[str]:
+    """`rlcd simulate ...` in a subprocess with the scripted engine (delay from $RLCD_TEST_DELAY)."""
+    return [sys.executable, str(HERE / "scripted_rlcd.py"), "simulate", *map(str, args)]
+
+
+def run(cmd: list[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    kwargs.setdefault("env", env())
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def assert_user_error(proc: subprocess.CompletedProcess | tuple[int, str], *fragments: str, only_line: bool = True) -> str:
+    """Exit code 2, no traceback, and an `rlcd <command>: error: ...` line holding every fragment:
+    the whole of stderr when `only_line`, else its last line (after progress lines)."""
+    code, err = (proc.returncode, proc.stderr) if isinstance(proc, subprocess.CompletedProcess) else proc
+    lines = err.strip().splitlines()
+    assert code == 2, f"exit code {code}, stderr:\n{err[-3000:]}"
+    assert "Traceback" not in err, err[-3000:]
+    assert lines, "no error message"
+    if only_line:
+        assert len(lines) == 1, f"expected one stderr line, got:\n{err}"
+    line = lines[-1]
+    assert line.startswith("rlcd ") and ": error: " in line, line
+    for fragment in fragments:
+        assert fragment in line, f"{fragment!r} not in {line!r}"
+    return line
+
+
+def records(out_dir) -> list[dict]:
+    found = []
+    for path in sorted(Path(out_dir).glob("records-*.jsonl")):
+        found += load_shard(path)
+    return sorted(found, key=lambda r: (r["index"], r["status"]))
+
+
+def assert_whole_lines(path: Path) -> None:
+    """Every line of a JSONL file is a complete JSON object, and the file ends with a newline."""
+    raw = path.read_bytes()
+    assert not raw or raw.endswith(b"\n"), f"{path} ends in a torn line"
+    for line in raw.splitlines():
+        json.loads(line)
+
+
+def kill_9(proc: subprocess.Popen) -> None:
+    try:
+        os.kill(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+class FaultServer:
+    """fault_server.py in a subprocess; `control(**settings)` sets its faults, `log()` reads its requests."""
+
+    def __init__(self, tmp: Path):
+        port_file = tmp / "fault-server.port"
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "fault_server.py"), str(port_file)])
+        deadline = time.monotonic() + 30
+        while not port_file.exists():
+            assert self.proc.poll() is None and time.monotonic() < deadline, "fault server did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{port_file.read_text()}"
+
+    def _call(self, path: str, body: dict | None = None):
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
+    def control(self, **settings) -> None:
+        defaults = {"script": [], "rate": 0.0, "kinds": [], "fail_after": None, "fail_kind": "503",
+                    "max_prompt_chars": None, "leak_auth": False, "timeout_s": 2.0, "seed": 0, "retry_after": None}
+        self._call("/_control", {**defaults, **settings})
+
+    def log(self) -> list[dict]:
+        return self._call("/_log")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            kill_9(self.proc)
