@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlcd import dialogue
-from rlcd.files import UserError, atomic_write_text, iter_lines, now, write_manifest
+from rlcd.files import UserError, atomic_write_text, is_text, iter_lines, load_json, now, write_manifest
 
 WARMUP_FRACTION = 0.03  # method spec §5: cosine schedule, 3% warmup, weight decay 0
 LOGGING_STEPS = 10
@@ -299,14 +299,32 @@ def reward_config(args: argparse.Namespace, output_dir: Path, bf16: bool, has_ev
 
 
 def check_out_dir(out_dir: Path, resume: bool) -> str | None:
-    """The checkpoint to resume from, or None for a fresh run; refuses to overwrite an earlier run."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """The checkpoint to resume from, or None for a fresh run; refuses to overwrite an earlier run.
 
-    ckpt_dir = out_dir / "checkpoints"
-    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
-    if not resume and (last or (out_dir / "config.json").exists()):
+    The Trainer writes a checkpoint in place, trainer_state.json last, so a process killed while
+    saving leaves a partial checkpoint: the last one with a readable trainer_state.json is the
+    one to resume from, and partial ones are removed (the Trainer would save into them again).
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out-dir {out_dir}: is a file, expected a directory")
+    found = [d for d in (out_dir / "checkpoints").glob("checkpoint-*") if d.is_dir() and d.name.split("-")[1].isdigit()]
+    found.sort(key=lambda d: int(d.name.split("-")[1]))
+    complete = [d for d in found if _readable_json(d / "trainer_state.json")]
+    if not resume and (found or (out_dir / "config.json").exists()):
         raise UserError(f"--out-dir {out_dir}: holds an earlier run; pass --resume to continue it, or choose a new --out-dir")
-    return last
+    for d in found:
+        if d not in complete:
+            print(f"removing {d}: a checkpoint the previous run did not finish writing", flush=True)
+            shutil.rmtree(d, ignore_errors=True)  # every rank runs this
+    return str(complete[-1]) if complete else None
+
+
+def _readable_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def train_reward_model(args: argparse.Namespace) -> dict:
@@ -409,7 +427,6 @@ def train_reward_model(args: argparse.Namespace) -> dict:
         "heldout": heldout,
         "log": trainer.state.log_history,
     }
-    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     write_manifest(
         out_dir / "manifest.json",
         stage="train-rm",
@@ -422,6 +439,8 @@ def train_reward_model(args: argparse.Namespace) -> dict:
         resumed_from=resume_from,
         counts={"pairs": metrics["pairs"], "skipped": metrics["skipped"], "train_steps": result.global_step},
     )
+    # metrics.json last: it marks the run finished (--resume then has nothing to do)
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     # checkpoints only serve --resume, and hold the optimizer state (twice the model's size again)
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     return metrics
@@ -431,6 +450,15 @@ def run_train(args: argparse.Namespace) -> None:
     if args.learning_rate is None:
         args.learning_rate = LORA_LR if args.lora else FULL_LR
     args.bf16 = parse_bf16(args.bf16)
+    checks = [  # before any loading or writing
+        (args.learning_rate > 0, f"--learning-rate must be positive, got {args.learning_rate}"),
+        (args.epochs > 0, f"--epochs must be positive, got {args.epochs}"),
+        (args.lora_alpha > 0, f"--lora-alpha must be positive, got {args.lora_alpha}"),
+        (0 <= args.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {args.lora_dropout}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
     out_dir = Path(args.out_dir)
     if args.resume and (out_dir / "metrics.json").exists():
         print(f"{out_dir}: already trained (metrics.json exists); nothing to do")
@@ -490,6 +518,9 @@ def read_hh_pairs(path: str | Path, num_pairs: int | None) -> tuple[list[tuple[s
             if not isinstance(value, str):
                 skip(lineno, f"field '{field}' missing or not text")
                 break
+            if not is_text(value):
+                skip(lineno, f"field '{field}' is not valid Unicode")
+                break
             parts = split_dialogue(value)
             if parts is None:
                 skip(lineno, f"field '{field}' has no Assistant turn")
@@ -545,13 +576,7 @@ def run_eval(args: argparse.Namespace) -> None:
 
 def read_outputs(path: str | Path) -> list[dict]:
     """An outputs file: a JSON list of objects with text fields `instruction` and `output`."""
-    from rlcd.files import open_text
-
-    with open_text(path) as f:
-        try:
-            items = json.load(f)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    items = load_json(path)
     if not isinstance(items, list) or not items:
         raise UserError(f"{path}: expected a non-empty JSON list of {{instruction, output}} objects")
     for n, item in enumerate(items):
@@ -560,6 +585,8 @@ def read_outputs(path: str | Path) -> list[dict]:
         for field in ("instruction", "output"):
             if not isinstance(item.get(field), str):
                 raise UserError(f"{path}: item {n}: field '{field}' missing or not text")
+            if not is_text(item[field]):
+                raise UserError(f"{path}: item {n}: field '{field}' is not valid Unicode (a lone surrogate such as \\ud800)")
     return items
 
 
@@ -582,17 +609,21 @@ def run_score(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+class BadValue(argparse.ArgumentTypeError, ValueError):
+    """A flag value out of range: argparse prints its message, and --config (which catches ValueError) too."""
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+        raise BadValue(f"expected a positive integer, got {text}")
     return value
 
 
 def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {text}")
+        raise BadValue(f"expected 0 or a positive integer, got {text}")
     return value
 
 
@@ -604,7 +635,7 @@ def parse_bf16(value) -> bool | str:
         return True
     if text in ("false", "off", "no", "0"):
         return False
-    raise argparse.ArgumentTypeError(f"expected auto, true or false, got {value}")
+    raise BadValue(f"expected auto, true or false, got {value}")
 
 
 def public_config(args: argparse.Namespace) -> dict:

@@ -15,6 +15,8 @@ Every random choice derives from --seed and the prompt index alone.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import math
 import os
@@ -24,14 +26,17 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 from rlcd import dialogue
 from rlcd.engines import Engine, SamplingParams
-from rlcd.files import UserError, append_lines, load_shard, now, write_manifest
-from rlcd.preferences import latest_records
+from rlcd.files import UserError, append_lines, now, write_manifest
+from rlcd.models import DEFAULT_MODEL, resolve_model
+from rlcd.preferences import latest_records, load_records
 from rlcd.tasks import Task, load_task
 
 SLOTS = {"rlcd": ("chosen", "rejected"), "rlaif": ("A", "B"), "rlcd_rescore": ("A", "B")}
+TOO_LONG = "prompt + max_new_tokens longer than the model's context"
 ROUND_BATCHES = 4
 """Samples handed to the engine per round, in batches: the fast engine refills finished slots from the
 round, so a round of several batches keeps its batch full; records are written after every round."""
@@ -133,14 +138,17 @@ class Simulation:
             for (index, slot), completion in zip(jobs, completions):
                 record = waiting[index]
                 self.tokens += completion.num_tokens
-                record["attempts"][slot] += 1
-                response, reason = dialogue.filter_completion(completion.text, completion.finish_reason, self.accept_eos)
-                if response is not None:
-                    record["outputs"][slot] = response
+                if completion.finish_reason == "too_long" or record["status"] == TOO_LONG:
+                    record["status"] = TOO_LONG  # the server refused a prompt of it: skipped and counted, not a record
                 else:
-                    record["rejections"][slot].append(reason)
-                    if record["attempts"][slot] >= record["_limit"][slot]:
-                        record["status"] = "failed"
+                    record["attempts"][slot] += 1
+                    response, reason = dialogue.filter_completion(completion.text, completion.finish_reason, self.accept_eos)
+                    if response is not None:
+                        record["outputs"][slot] = response
+                    else:
+                        record["rejections"][slot].append(reason)
+                        if record["attempts"][slot] >= record["_limit"][slot]:
+                            record["status"] = "failed"
                 if index not in touched:
                     touched.append(index)
             finished = []
@@ -155,7 +163,7 @@ class Simulation:
             for r in done:
                 del r["_limit"]
                 counts[r["status"]] += 1
-            append_lines(self.shard, done)
+            append_lines(self.shard, [r for r in done if r["status"] != TOO_LONG])
             if progress:
                 progress(len(done), self.tokens)
         return counts
@@ -171,6 +179,31 @@ class Simulation:
         logprobs, ids = self.engine.next_token_logprobs(prompts, ["A", "B"])
         for r, (la, lb) in zip(records, logprobs):
             r.update(logprob_A=la, logprob_B=lb, win2_prob=1.0 / (1.0 + math.exp(la - lb)), letter_token_ids=ids)
+
+
+@contextlib.contextmanager
+def lock_shard(shard: Path):
+    """Hold an exclusive lock on the shard: two processes given the same slice would otherwise both
+    append (duplicates) and repair each other's last line. The kernel drops the lock when the
+    process ends, kill -9 included."""
+    lock_path = shard.with_name(f".{shard.stem}.lock")
+    try:
+        f = open(lock_path, "a+")
+    except OSError as e:
+        raise UserError(f"{lock_path}: cannot create the shard's lock file ({e.strerror})") from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise UserError(f"{shard}: {holder} is already writing this shard (same --out-dir and slice); "
+                            "give each process its own --indices-remainder") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()} on {os.uname().nodename}")
+        f.flush()
+        yield
 
 
 def select_indices(items, indices: str | None, mod: int, remainder: int):
@@ -227,6 +260,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--base-url", help="server URL for --backend openai, e.g. http://127.0.0.1:8000/v1")
     g.add_argument("--api-model", help="model name on the server for --backend openai")
     g.add_argument("--concurrency", type=int, default=16, help="requests in flight for --backend openai (default 16)")
+    g.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one server reply, --backend openai (default 600)")
+    g.add_argument("--max-retries", type=int, default=6,
+                   help="retries of a request after a transient server fault (429, 5xx, timeout, dropped connection, bad reply), "
+                        "with exponential backoff and jitter, --backend openai (default 6)")
     g.add_argument("--engine", default="auto", choices=["auto", "fast", "hf"],
                    help="in-process engine for --backend hf: fast (continuous batching, CUDA graphs on GPU), hf (plain decode loop); auto = fast on GPU, hf on CPU")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the GPU of this process if any, else cpu)")
@@ -256,6 +293,8 @@ def validate(args) -> SimulationConfig:
         (args.top_k >= 0, "--top-k must be >= 0"),
         (0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
         (args.concurrency >= 1, "--concurrency must be at least 1"),
+        (args.timeout > 0, "--timeout must be positive"),
+        (args.max_retries >= 0, "--max-retries must be >= 0"),
         (args.max_prompts is None or args.max_prompts >= 1, "--max-prompts must be at least 1"),
         (args.backend == "hf" or (args.base_url and args.api_model), "--backend openai needs --base-url and --api-model"),
         (args.backend == "hf" or args.prompt_style == "raw", "--prompt-style chat needs --backend hf (it uses the model's tokenizer)"),
@@ -263,6 +302,12 @@ def validate(args) -> SimulationConfig:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    if args.backend == "openai":
+        url = urlparse(args.base_url)
+        if url.scheme not in ("http", "https") or not url.netloc:
+            raise UserError(f"--base-url {args.base_url}: expected an http(s) URL such as http://127.0.0.1:8000/v1")
+    elif args.model != DEFAULT_MODEL:  # the embedded default is converted (once) when the engine loads
+        resolve_model(args.model)  # a missing model directory fails here, before anything is written
     return SimulationConfig(
         method=args.method, seed=args.seed, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, max_attempts=args.max_attempts, batch_size=args.batch_size,
@@ -274,7 +319,8 @@ def make_engine(args) -> tuple[Engine, dict]:
     if args.backend == "openai":
         from rlcd.engines.openai_server import OpenAIEngine
 
-        engine = OpenAIEngine(args.base_url, args.api_model, concurrency=args.concurrency)
+        engine = OpenAIEngine(args.base_url, args.api_model, concurrency=args.concurrency, max_retries=args.max_retries,
+                              timeout=args.timeout, skip_too_long=True)
         return engine, {"backend": "openai", "base_url": args.base_url, "api_model": args.api_model}
     from rlcd.engines.hf import HFEngine
     from rlcd.models import load_causal_lm, resolve_model
@@ -317,64 +363,74 @@ def run(args: argparse.Namespace) -> None:
         raise UserError(f"{out_dir}: cannot create the output directory ({e.strerror})") from None
     shard = out_dir / f"records-r{remainder}-of-{mod}.jsonl"
     manifest_path = out_dir / f"manifest-r{remainder}-of-{mod}.json"
+    with lock_shard(shard):
+        existing = []
+        for path in sorted(out_dir.glob("records-*.jsonl")):
+            for record in load_records(path, repair=path == shard):
+                if record.get("method") != cfg.method:
+                    raise UserError(f"{path}: holds --method {record.get('method')} records; use another --out-dir for {cfg.method}")
+                existing.append(record)
+        previous = latest_records(existing)
+        finished = {i for i, r in previous.items() if r["status"] == "ok" or not cfg.retry_failed}
+        todo = [(i, p) for i, p in mine if i not in finished]
+        retried = {i: previous[i] for i, _ in todo if i in previous}
 
-    existing = []
-    for path in sorted(out_dir.glob("records-*.jsonl")):
-        for record in load_shard(path, repair=path == shard):
-            if record.get("method") != cfg.method:
-                raise UserError(f"{path}: holds --method {record.get('method')} records; use another --out-dir for {cfg.method}")
-            existing.append(record)
-    previous = latest_records(existing)
-    finished = {i for i, r in previous.items() if r["status"] == "ok" or not cfg.retry_failed}
-    todo = [(i, p) for i, p in mine if i not in finished]
-    retried = {i: previous[i] for i, _ in todo if i in previous}
+        engine, engine_info = make_engine(args)
+        chat_template = None
+        if cfg.prompt_style == "chat":
+            tokenizer = engine.tokenizer  # type: ignore[attr-defined]
+            if not tokenizer.chat_template:
+                raise UserError(f"--prompt-style chat: the tokenizer of {args.model} has no chat template")
+            chat_template = lambda messages: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)  # noqa: E731
 
-    engine, engine_info = make_engine(args)
-    chat_template = None
-    if cfg.prompt_style == "chat":
-        tokenizer = engine.tokenizer  # type: ignore[attr-defined]
-        if not tokenizer.chat_template:
-            raise UserError(f"--prompt-style chat: the tokenizer of {args.model} has no chat template")
-        chat_template = lambda messages: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)  # noqa: E731
+        skipped = Counter(prompts.skipped)
+        if engine.context_length:
+            fits = []
+            for index, prompt in todo:
+                longest = max(plan_record(index, prompt, task, cfg, chat_template)["actual_prompts"].values(), key=len)
+                if engine.count_tokens(longest) + cfg.max_new_tokens > engine.context_length:
+                    skipped[TOO_LONG] += 1
+                else:
+                    fits.append((index, prompt))
+            todo = fits
+        for line in prompts.examples:
+            print(f"skipped {line}", file=sys.stderr)
 
-    skipped = Counter(prompts.skipped)
-    if engine.context_length:
-        fits = []
-        for index, prompt in todo:
-            longest = max(plan_record(index, prompt, task, cfg, chat_template)["actual_prompts"].values(), key=len)
-            if engine.count_tokens(longest) + cfg.max_new_tokens > engine.context_length:
-                skipped["prompt + max_new_tokens longer than the model's context"] += 1
-            else:
-                fits.append((index, prompt))
-        todo = fits
-    for line in prompts.examples:
-        print(f"skipped {line}", file=sys.stderr)
+        base = {
+            "stage": "simulate", "config": asdict(cfg), "task": task.name, "prompts_file": args.prompts_file,
+            "slice": {"mod": mod, "remainder": remainder, "indices": args.indices}, "engine": engine_info,
+            "seed": cfg.seed, "started_at": now(),
+        }
+        write_manifest(manifest_path, status="running", **base)
+        print(f"simulate {cfg.method}: {len(mine)} prompts in this slice, {sum(i in finished for i, _ in mine)} already done, "
+              f"{len(todo)} to do; skipped: {dict(skipped) or 'none'}", file=sys.stderr)
 
-    base = {
-        "stage": "simulate", "config": asdict(cfg), "task": task.name, "prompts_file": args.prompts_file,
-        "slice": {"mod": mod, "remainder": remainder, "indices": args.indices}, "engine": engine_info,
-        "seed": cfg.seed, "started_at": now(),
-    }
-    write_manifest(manifest_path, status="running", **base)
-    print(f"simulate {cfg.method}: {len(mine)} prompts in this slice, {sum(i in finished for i, _ in mine)} already done, "
-          f"{len(todo)} to do; skipped: {dict(skipped) or 'none'}", file=sys.stderr)
-
-    started = time.time()
-    progress = Progress(len(todo), started)
-    sim = Simulation(engine, task, cfg, shard, chat_template)
-    try:
-        counts = sim.run(todo, retried, progress.update)
-    finally:
-        progress.close()
-        summary = shard_summary(list(latest_records(load_shard(shard)).values()), SLOTS[cfg.method])
-        summary["skipped"] = dict(skipped)
-        status = "complete" if progress.done == len(todo) else "interrupted"
-        write_manifest(manifest_path, status=status, finished_at=now(), counts=summary, **base)
-    elapsed = time.time() - started
-    print(f"{counts['ok']} ok, {counts['failed']} failed this run in {elapsed:.0f}s "
-          f"({counts['ok'] / max(elapsed, 1e-9):.2f} pairs/s, {sim.tokens / max(elapsed, 1e-9):.0f} tokens/s); "
-          f"shard acceptance rate {summary['acceptance_rate']}", file=sys.stderr)
-    print(out_dir)
+        started = time.time()
+        progress = Progress(len(todo), started)
+        sim = Simulation(engine, task, cfg, shard, chat_template)
+        failure = None
+        try:
+            counts = sim.run(todo, retried, progress.update)
+            if counts[TOO_LONG]:
+                skipped[TOO_LONG] += counts.pop(TOO_LONG)
+        except BaseException as e:
+            failure = e
+            raise
+        finally:
+            progress.close()
+            summary = shard_summary(list(latest_records(load_records(shard)).values()), SLOTS[cfg.method])
+            summary["skipped"] = dict(skipped)
+            status = "complete" if failure is None else "interrupted"
+            try:
+                write_manifest(manifest_path, status=status, finished_at=now(), counts=summary, **base)
+            except UserError:
+                if failure is None:  # otherwise report the first error (a full disk fails both)
+                    raise
+        elapsed = time.time() - started
+        print(f"{counts['ok']} ok, {counts['failed']} failed this run in {elapsed:.0f}s "
+              f"({counts['ok'] / max(elapsed, 1e-9):.2f} pairs/s, {sim.tokens / max(elapsed, 1e-9):.0f} tokens/s); "
+              f"shard acceptance rate {summary['acceptance_rate']}", file=sys.stderr)
+        print(out_dir)
 
 
 class Progress:

@@ -2,8 +2,13 @@
 
 One `/v1/completions` request per prompt, sent concurrently from a thread pool;
 the server does its own batching. Transient failures (429, 5xx, timeouts,
-dropped connections, unparsable replies) are retried with exponential backoff;
-anything else becomes one `UserError` line naming the server, never the key.
+dropped connections, unparsable replies) are retried with exponential backoff
+and jitter (waiting at least the server's Retry-After); anything else becomes
+one `UserError` line naming the server, never the key. A prompt the server
+refuses as longer than its context (HTTP 400 saying so) is such an error too,
+unless `skip_too_long`: then it comes back as a Completion with finish_reason
+"too_long" and no text, and `rlcd simulate` skips and counts that prompt, as it
+does prompts the in-process engines measure.
 
 Stop strings: servers cut the text before the matched stop string, while
 `Completion.text` keeps it, so it is appended back. vLLM (`stop_reason`) and
@@ -22,6 +27,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -41,8 +47,18 @@ RETRY_STATUS = {408, 409, 429}  # and every 5xx
 TOP_LOGPROBS = 20  # vLLM's default --max-logprobs; OpenAI itself allows only 5
 
 
+# how servers word "prompt + max_tokens do not fit the context": OpenAI and llama-cpp-python
+# ("maximum context length", code context_length_exceeded), vLLM (also "max_model_len"), SGLang,
+# llama.cpp ("exceeds the available context size"), TGI ("must be <= N").
+_CONTEXT_REFUSAL = re.compile(r"context[ _](length|window|size)|max_model_len|maximum context|must be <= \d+", re.IGNORECASE)
+
+
 class _Unparsable(Exception):
     """A 2xx reply without the fields we need: treated like a transient server fault."""
+
+
+class _PromptTooLong(Exception):
+    """The server refused a prompt as longer than its context (not retried)."""
 
 
 def backoff_s(attempt: int) -> float:
@@ -65,6 +81,7 @@ class OpenAIEngine:
         max_retries: int = 6,
         timeout: float = 600.0,
         api_key: str | None = None,
+        skip_too_long: bool = False,
     ):
         if concurrency < 1:
             raise UserError(f"concurrency must be at least 1, got {concurrency}")
@@ -76,6 +93,7 @@ class OpenAIEngine:
         self.model = model
         self.concurrency = concurrency
         self.max_retries = max_retries
+        self.skip_too_long = skip_too_long
         # local servers ignore the key, but the SDK insists on one
         self._key = api_key or os.environ.get("RLCD_API_KEY") or os.environ.get("OPENAI_API_KEY") or "EMPTY"
         # the SDK's own retries are off: ours decide what is transient and how long to wait
@@ -100,13 +118,16 @@ class OpenAIEngine:
             extra["top_k"] = params.top_k  # not in the OpenAI API; vLLM, SGLang, llama.cpp read it
 
         def one(i: int) -> Completion:
-            return self._request(
-                "completion",
-                # 31 bits: llama.cpp keeps only the low 32 bits of a seed, other servers reject
-                # what does not fit a signed 64-bit integer; simulation's seeds are 63-bit
-                dict(body, prompt=prompts[i], seed=seeds[i] % 2**31, extra_body=extra),
-                lambda data: _completion(data, params.stop),
-            )
+            try:
+                return self._request(
+                    "completion",
+                    # 31 bits: llama.cpp keeps only the low 32 bits of a seed, other servers reject
+                    # what does not fit a signed 64-bit integer; simulation's seeds are 63-bit
+                    dict(body, prompt=prompts[i], seed=seeds[i] % 2**31, extra_body=extra),
+                    lambda data: _completion(data, params.stop),
+                )
+            except _PromptTooLong:
+                return Completion("", "too_long", 0)  # nothing generated; simulation skips and counts the prompt
 
         return self._map(one, len(prompts))
 
@@ -160,14 +181,20 @@ class OpenAIEngine:
                 return call()
             except openai.APIStatusError as e:
                 if e.status_code < 500 and e.status_code not in RETRY_STATUS:
-                    raise UserError(f"{self.base_url}: {what} refused (HTTP {e.status_code}): {self._server_message(e)}") from None
+                    message = self._server_message(e)
+                    if self.skip_too_long and e.status_code in (400, 413, 422) and what == "completion" and (
+                        _CONTEXT_REFUSAL.search(message) or e.code == "context_length_exceeded"
+                    ):
+                        raise _PromptTooLong(message) from None
+                    raise UserError(f"{self.base_url}: {what} refused (HTTP {e.status_code}): {message}") from None
                 error = f"{type(e).__name__} (HTTP {e.status_code}): {self._server_message(e)}"
+                wait = _retry_after_s(e.response)
             except openai.APIConnectionError as e:  # timeouts included
-                error = type(e).__name__
+                error, wait = type(e).__name__, 0.0
             except _Unparsable as e:
-                error = f"unparsable response ({e})"
+                error, wait = f"unparsable response ({e})", 0.0
             if attempt < self.max_retries:
-                time.sleep(backoff_s(attempt))
+                time.sleep(max(backoff_s(attempt), wait))
         raise UserError(f"{self.base_url}: {what} failed after {self.max_retries + 1} attempts: {error}")
 
     def _server_message(self, e: openai.APIStatusError) -> str:
@@ -197,6 +224,14 @@ class OpenAIEngine:
         served = self._retrying("model listing", call)
         if served is not None and self.model not in served:
             raise UserError(f"{self.base_url}: model {self.model!r} is not served there (it serves: {', '.join(map(repr, served))})")
+
+
+def _retry_after_s(response) -> float:
+    """The server's Retry-After (seconds form), capped at BACKOFF_CAP_S; 0 when absent or unreadable."""
+    try:
+        return min(BACKOFF_CAP_S, max(0.0, float(response.headers.get("retry-after", 0))))
+    except (TypeError, ValueError):
+        return 0.0  # the HTTP-date form: the exponential backoff stands
 
 
 def _completion(data: dict, stop: tuple[str, ...]) -> Completion:
