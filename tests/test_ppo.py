@@ -277,3 +277,20 @@ def test_absurd_settings_are_refused_with_one_line(tiny_model_dir, tiny_rm, tmp_
     with pytest.raises(SystemExit):
         main(["ppo", "--prompts", str(EXAMPLES), "--reward-model", tiny_model_dir, "--policy", tiny_model_dir, "--out-dir", str(tmp_path)])
     assert "not a reward model" in capsys.readouterr().err
+
+
+def test_batched_response_logprobs_equal_one_row_at_a_time(tiny_model_dir):
+    from rlcd.models import load_causal_lm
+
+    model, _ = load_causal_lm(tiny_model_dir, device="cpu")
+    rows = [{"prompt_ids": [1, 50, 60, 70, 80], "response_ids": [90, 91]}, {"prompt_ids": [1, 40], "response_ids": [33, 34, 35, 36]}]
+    batch = ppo.collate(rows, pad_id=0, device="cpu")
+    with torch.no_grad():
+        batched = ppo.token_logprobs(ppo.response_logits(model, batch), batch["response_ids"])
+        for b, r in enumerate(rows):
+            ids = torch.tensor([r["prompt_ids"] + r["response_ids"]])
+            logits = model(input_ids=ids).logits[0, len(r["prompt_ids"]) - 1 : -1]
+            alone = logits.log_softmax(-1).gather(1, torch.tensor(r["response_ids"])[:, None]).squeeze(1)
+            n = len(r["response_ids"])
+            assert torch.allclose(batched[b, :n], alone, atol=1e-5)
+            assert batch["mask"][b].sum() == n

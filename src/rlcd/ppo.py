@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import time
@@ -158,7 +159,8 @@ def build_models(args, device: str):
     try:
         tokenizer = load_tokenizer(path)
         policy = AutoModelForCausalLM.from_pretrained(path, dtype=weights).to(device)
-        reference = None if args.lora else AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(args.dtype, device)).to(device)
+        # same weights and dtype as the policy: both run under the same autocast, so step 1 has KL exactly 0
+        reference = None if args.lora else AutoModelForCausalLM.from_pretrained(path, dtype=weights).to(device)
     except OSError as e:
         raise UserError(f"--policy {args.policy}: cannot load ({str(e).splitlines()[0]})") from None
     rm, rm_tokenizer = load_reward_model(args.reward_model, device=device, dtype=args.dtype, flag="--reward-model")
@@ -193,37 +195,44 @@ def trainable_state(module) -> dict[str, torch.Tensor]:
 
 
 def collate(rows: list[dict], pad_id: int, device) -> dict:
-    """input_ids / attention_mask / position_ids [b, P+R] and the response mask [b, R] of some rollout rows.
+    """Prompt + response of some rollout rows as one right-padded batch, and where each response token sits.
 
-    Prompts are left padded to P and responses right padded to R, so column P-1+j predicts response
-    token j in every row.
+    Right padding (rather than left-padded prompts) leaves no position that attends to nothing, which
+    some fused attention kernels answer with NaN. `gather[b, j]` is the position whose output predicts
+    response token j of row b (the one before it); `mask` [b, R] marks real response tokens.
     """
-    width_p = max(len(r["prompt_ids"]) for r in rows)
+    width = max(len(r["prompt_ids"]) + len(r["response_ids"]) for r in rows)
     width_r = max(len(r["response_ids"]) for r in rows)
-    ids, mask, rmask = [], [], []
+    ids, mask, rmask, gather, response = [], [], [], [], []
     for r in rows:
         p, q = r["prompt_ids"], r["response_ids"]
-        ids.append([pad_id] * (width_p - len(p)) + p + q + [pad_id] * (width_r - len(q)))
-        mask.append([0] * (width_p - len(p)) + [1] * (len(p) + len(q)) + [0] * (width_r - len(q)))
+        ids.append(p + q + [pad_id] * (width - len(p) - len(q)))
+        mask.append([1] * (len(p) + len(q)) + [0] * (width - len(p) - len(q)))
         rmask.append([1] * len(q) + [0] * (width_r - len(q)))
-    input_ids = torch.tensor(ids, device=device)
-    attention_mask = torch.tensor(mask, device=device)
+        gather.append([len(p) - 1 + min(j, len(q) - 1) for j in range(width_r)])
+        response.append(q + [pad_id] * (width_r - len(q)))
     return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
-        "response_ids": input_ids[:, width_p:],
+        "input_ids": torch.tensor(ids, device=device),
+        "attention_mask": torch.tensor(mask, device=device),
+        "position_ids": torch.arange(width, device=device).expand(len(rows), -1),
+        "gather": torch.tensor(gather, device=device),
+        "response_ids": torch.tensor(response, device=device),
         "mask": torch.tensor(rmask, device=device, dtype=torch.float32),
-        "width_p": width_p,
         "width_r": width_r,
     }
 
 
+def gather_positions(hidden: torch.Tensor, batch: dict) -> torch.Tensor:
+    """hidden [b, T, ...] -> [b, R, ...] at the positions that predict each response token."""
+    index = batch["gather"]
+    return torch.gather(hidden, 1, index.view(*index.shape, *([1] * (hidden.dim() - 2))).expand(-1, -1, *hidden.shape[2:]))
+
+
 def response_logits(model, batch: dict) -> torch.Tensor:
-    """Logits [b, R, V] that predict each response token."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-                use_cache=False, logits_to_keep=batch["width_r"] + 1)
-    return out.logits[:, :-1].float()
+    """Logits [b, R, V] that predict each response token (the vocabulary projection only where needed)."""
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+    return model.get_output_embeddings()(gather_positions(hidden, batch)).float()
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -232,8 +241,7 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 def response_values(value_model, batch: dict) -> torch.Tensor:
     values = value_model(batch["input_ids"], batch["attention_mask"], batch["position_ids"])
-    p = batch["width_p"]
-    return values[:, p - 1 : p - 1 + batch["width_r"]].float()
+    return gather_positions(values, batch).float()
 
 
 def pad_rows(rows: list[dict], key: str, width: int, device) -> torch.Tensor:
@@ -358,7 +366,7 @@ class PPO:
         a = self.args
         g = torch.Generator().manual_seed(a.seed * 7919 + step)
         totals = {"policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0, "tokens": 0.0, "grad_norm": 0.0}
-        updates = 0
+        updates = skipped = 0
         for _ in range(a.epochs):
             order = torch.randperm(len(rows), generator=g).tolist()
             for start in range(0, len(order), a.minibatch_size):
@@ -383,14 +391,18 @@ class PPO:
                     totals["value_loss"] += vf.item()
                     totals["clip_frac"] += clipped.item()
                 params = [p for group in self.optimizer.param_groups for p in group["params"]]
-                totals["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm))
-                self.optimizer.step()
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm))
                 totals["tokens"] += tokens
+                if not math.isfinite(grad_norm):  # never let one bad minibatch turn every weight into NaN
+                    skipped += 1
+                    continue
+                totals["grad_norm"] += grad_norm
+                self.optimizer.step()
                 updates += 1
         n = totals.pop("tokens")
         return {
             "policy_loss": totals["policy_loss"] / n, "value_loss": totals["value_loss"] / n, "clip_frac": totals["clip_frac"] / n,
-            "grad_norm": totals["grad_norm"] / max(updates, 1), "optimizer_steps": updates,
+            "grad_norm": totals["grad_norm"] / max(updates, 1), "optimizer_steps": updates, "nonfinite_updates_skipped": skipped,
         }
 
     def run_step(self) -> dict:
