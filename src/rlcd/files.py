@@ -73,6 +73,16 @@ def _encode(path, text: str) -> bytes:
         raise UserError(f"{path}: cannot write text that is not valid Unicode ({e.reason} at character {e.start})") from None
 
 
+def ensure_dir(path: str | Path) -> Path:
+    """Create a directory (and its parents) before long work that writes into it, or fail in one line."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{path}: cannot create the directory ({e.strerror or e})") from None
+    return path
+
+
 def _write_error(path, e: OSError) -> UserError:
     return UserError(f"{path}: cannot write ({e.strerror or e}); earlier data there is kept")
 

@@ -16,6 +16,7 @@ end marker, where the score is read, always survives.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import shutil
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlcd import dialogue
-from rlcd.files import UserError, atomic_write_text, is_text, iter_lines, load_json, now, write_manifest
+from rlcd.files import UserError, atomic_write_text, ensure_dir, is_text, iter_lines, load_json, now, write_manifest
 
 WARMUP_FRACTION = 0.03  # method spec §5: cosine schedule, 3% warmup, weight decay 0
 LOGGING_STEPS = 10
@@ -255,6 +256,10 @@ def soft_label_reward_trainer():
                     metrics[mode]["margin"].append(self.accelerator.gather_for_metrics(margin).mean().item())
             return (loss, outputs) if return_outputs else loss
 
+        def _save_checkpoint(self, model, trial):
+            with writing_model(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"):
+                super()._save_checkpoint(model, trial)
+
     return SoftLabelRewardTrainer
 
 
@@ -296,6 +301,25 @@ def reward_config(args: argparse.Namespace, output_dir: Path, bf16: bool, has_ev
         seed=args.seed,
         data_seed=args.seed,
     )
+
+
+@contextlib.contextmanager
+def writing_model(path):
+    """A failure while a checkpoint or model is written is one line, not a traceback: it is nearly always
+    the disk (full, quota, read-only), and safetensors and torch.save report that in their own words
+    ("File too large", "basic_ios::clear: iostream error"), so the free space is added."""
+    try:
+        yield
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:200]
+        try:
+            free = f"; {shutil.disk_usage(Path(path).parent).free / 1e9:.1f} GB free there"
+        except OSError:
+            free = ""
+        raise UserError(f"{path}: cannot write the model or checkpoint ({type(e).__name__}: {reason}{free}); "
+                        "if the disk is full, make room and run again with --resume (finished checkpoints are kept)") from None
 
 
 def check_out_dir(out_dir: Path, resume: bool) -> str | None:
@@ -357,6 +381,7 @@ def train_reward_model(args: argparse.Namespace) -> dict:
         raise UserError(f"--model {args.model}: its tokenizer has neither a pad nor an end-of-sequence token; set pad_token in tokenizer_config.json")
     tokenizer.padding_side, tokenizer.truncation_side = "right", "left"
     tokenizer.model_max_length = args.max_length  # saved with the model, so scoring cuts inputs the same way
+    ensure_dir(out_dir)  # before the long work: a path under a file fails now, not at the first checkpoint
 
     train_cols, truncated = tokenize_pairs(tokenizer, [pairs[i] for i in train_idx], args.max_length)
     eval_cols, eval_truncated = tokenize_pairs(tokenizer, [pairs[i] for i in heldout_idx], args.max_length)
@@ -391,18 +416,24 @@ def train_reward_model(args: argparse.Namespace) -> dict:
         processing_class=tokenizer,
         peft_config=peft_config,
     )
-    result = trainer.train(resume_from_checkpoint=resume_from)
-
-    if args.lora:
-        final = trainer.model.merge_and_unload() if trainer.is_world_process_zero() else None
-        if final is not None:
-            final.save_pretrained(out_dir)  # merged: scoring loads a plain model, no peft needed
-    else:
-        trainer.save_model(str(out_dir))  # every rank: FSDP / DeepSpeed gather the weights here
-        final = trainer.model
-    if not trainer.is_world_process_zero():
-        return {}
-    tokenizer.save_pretrained(out_dir)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        for callback in trainer.callback_handler.callbacks:  # after a failure, the error stays the last line printed
+            for bar in (getattr(callback, "training_bar", None), getattr(callback, "prediction_bar", None)):
+                if bar is not None:
+                    bar.close()
+    with writing_model(out_dir):
+        if args.lora:
+            final = trainer.model.merge_and_unload() if trainer.is_world_process_zero() else None
+            if final is not None:
+                final.save_pretrained(out_dir)  # merged: scoring loads a plain model, no peft needed
+        else:
+            trainer.save_model(str(out_dir))  # every rank: FSDP / DeepSpeed gather the weights here
+            final = trainer.model
+        if not trainer.is_world_process_zero():
+            return {}
+        tokenizer.save_pretrained(out_dir)
 
     heldout = None
     if heldout_idx:
@@ -553,6 +584,8 @@ def evaluate_reward_model(args: argparse.Namespace) -> dict:
 
 
 def run_eval(args: argparse.Namespace) -> None:
+    if args.out_file:
+        ensure_dir(Path(args.out_file).parent)
     result = evaluate_reward_model(args)
     if args.out_file:
         out = Path(args.out_file)
@@ -592,6 +625,7 @@ def read_outputs(path: str | Path) -> list[dict]:
 
 def run_score(args: argparse.Namespace) -> None:
     items = read_outputs(args.data_path)
+    ensure_dir(Path(args.out_file).parent)
     model, tokenizer = load_reward_model(args.reward_model, dtype=args.dtype, flag="--reward-model")
     texts = [format_rm_input(it["instruction"], it["output"]) for it in items]
     scores = score_texts(model, tokenizer, texts, args.batch_size, args.max_length, progress=True)

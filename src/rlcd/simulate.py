@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 
 from rlcd import dialogue
 from rlcd.engines import Engine, SamplingParams
-from rlcd.files import UserError, append_lines, now, write_manifest
+from rlcd.files import UserError, append_lines, ensure_dir, now, write_manifest
 from rlcd.models import DEFAULT_MODEL, resolve_model
 from rlcd.preferences import latest_records, load_records
 from rlcd.tasks import Task, load_task
@@ -356,11 +356,7 @@ def run(args: argparse.Namespace) -> None:
     items = prompts.items[: args.max_prompts] if args.max_prompts else prompts.items
     mod, remainder = process_slice(args.indices_mod, args.indices_remainder)
     mine = select_indices(items, args.indices, mod, remainder)
-    out_dir = Path(args.out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{out_dir}: cannot create the output directory ({e.strerror})") from None
+    out_dir = ensure_dir(args.out_dir)
     shard = out_dir / f"records-r{remainder}-of-{mod}.jsonl"
     manifest_path = out_dir / f"manifest-r{remainder}-of-{mod}.json"
     with lock_shard(shard):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from rlcd.engines import Completion
 from rlcd.files import load_shard
 
 HERE = Path(__file__).resolve().parent
+ONE_THREAD = {"OMP_NUM_THREADS": 1, "MKL_NUM_THREADS": 1}  # tiny models: threads only contend on a busy machine
 
 
 class ScriptedEngine:
@@ -158,3 +160,21 @@ class FaultServer:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             kill_9(self.proc)
+
+
+def question_file(path: Path, n: int) -> Path:
+    path.write_text(json.dumps([f"Question number {i}: what is {i} plus {i * 7 % 11}?" for i in range(n)]))
+    return path
+
+
+def marker_table(path: Path, n: int = 48) -> Path:
+    rng = random.Random(0)
+    words = "apple river stone cloud music paper green quick lamp chair bread water".split()
+    rows = []
+    for i in range(n):
+        good, bad = " ".join(rng.sample(words, 3) + ["great"]), " ".join(rng.sample(words, 4))
+        first = rng.random() < 0.5
+        rows.append({"instruction": f"Human: tell me about {words[i % len(words)]}\n\nAssistant:", "input": "",
+                     "output_1": good if first else bad, "output_2": bad if first else good, "preference": 1 if first else 2})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

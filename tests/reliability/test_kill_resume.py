@@ -16,15 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from rel_helpers import assert_whole_lines, env, kill_9, records, rlcd_cmd, run, scripted_cmd, scripted_simulate
+from rel_helpers import (ONE_THREAD, assert_whole_lines, env, kill_9, marker_table, question_file, records, rlcd_cmd, run,
+                         scripted_cmd, scripted_simulate)
 from rlcd.files import load_shard
-
-ONE_THREAD = {"OMP_NUM_THREADS": 1, "MKL_NUM_THREADS": 1}
-
-
-def question_file(path: Path, n: int) -> Path:
-    path.write_text(json.dumps([f"Question number {i}: what is {i} plus {i * 7 % 11}?" for i in range(n)]))
-    return path
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> bool:
@@ -123,19 +117,6 @@ def test_tiny_model_simulate_survives_random_kills(tmp_path, eos_prone_model):
     log = kill_and_resume(rlcd_cmd(*flags, "--out-dir", tmp_path / "cut"), tmp_path / "cut", [rng.uniform(0, 1.0) for _ in range(3)], ONE_THREAD)
     assert any("interrupted" in line for line in log), log
     assert records(tmp_path / "cut") == records(tmp_path / "full"), log
-
-
-def marker_table(path: Path, n: int = 48) -> Path:
-    rng = random.Random(0)
-    words = "apple river stone cloud music paper green quick lamp chair bread water".split()
-    rows = []
-    for i in range(n):
-        good, bad = " ".join(rng.sample(words, 3) + ["great"]), " ".join(rng.sample(words, 4))
-        first = rng.random() < 0.5
-        rows.append({"instruction": f"Human: tell me about {words[i % len(words)]}\n\nAssistant:", "input": "",
-                     "output_1": good if first else bad, "output_2": bad if first else good, "preference": 1 if first else 2})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def test_train_rm_kill_9_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir):
