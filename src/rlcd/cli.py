@@ -31,6 +31,8 @@ STAGES = {
     "ppo": ("rlcd.ppo", "align a policy with PPO against a reward model"),
     "report": ("rlcd.report", "Markdown + HTML report with plots of a run directory"),
     "compare": ("rlcd.judge", "pairwise LLM judge of two outputs files: win rate, both orders, cached"),
+    "pipeline": ("rlcd.pipeline", "run the whole study from one config (--config run.yaml), resumable"),
+    "demo": ("rlcd.pipeline", "the whole chain on the embedded default model on CPU, small; ends with the report's path"),
 }
 
 
@@ -88,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
     try:
-        apply_config(args, argv)
+        if args.command != "pipeline":  # the pipeline's --config is its run file, not flag values
+            apply_config(args, argv)
         importlib.import_module(args._module).run(args)
     except UserError as e:
         print(f"rlcd {args.command}: error: {e}", file=sys.stderr)

@@ -1,0 +1,165 @@
+"""rlcd pipeline: the plan, skipping finished stages, re-running what changed, resuming after an interrupt."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlcd import pipeline
+from rlcd.cli import main
+from rlcd.files import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def fake_launch(monkeypatch):
+    """Stages 'run' by writing their output; returns the list of stage names launched."""
+    launched: list[str] = []
+
+    def launch(self, stage):
+        launched.append(stage.name)
+        stage.output.parent.mkdir(parents=True, exist_ok=True)
+        if not stage.output.exists():
+            stage.output.write_text("{}")
+        return 0.0
+
+    monkeypatch.setattr(pipeline.Runner, "launch", launch)
+    return launched
+
+
+def demo() -> dict:
+    return pipeline.demo_config()
+
+
+def test_demo_plan_runs_every_stage_in_order(tmp_path):
+    names = [s.name for s in pipeline.plan(demo(), tmp_path)]
+    assert names == ["simulate/rlcd", "consolidate/rlcd", "train-rm/rlcd", "eval-rm/rlcd", "ppo/rlcd-ppo", "format-prompts",
+                     "generate/base", "score/base", "generate/rlcd-ppo", "score/rlcd-ppo", "compare/base-vs-rlcd-ppo", "report"]
+    ppo = next(s for s in pipeline.plan(demo(), tmp_path) if s.name == "ppo/rlcd-ppo")
+    assert ppo.argv[:2] == ["ppo", "--prompts"] and "--resume" in ppo.argv and ppo.argv[ppo.argv.index("--steps") + 1] == "3"
+    assert str(tmp_path / "rm" / "rlcd") in ppo.argv
+
+
+def test_second_run_skips_everything_and_a_changed_setting_reruns_only_downstream(tmp_path, fake_launch):
+    cfg = demo()
+    pipeline.run_pipeline(cfg, "cfg", str(tmp_path))
+    assert len(fake_launch) == 12
+    fake_launch.clear()
+    pipeline.run_pipeline(cfg, "cfg", str(tmp_path))
+    assert fake_launch == []
+    state = json.loads((tmp_path / "pipeline.json").read_text())
+    assert {s["status"] for s in state["stages"]} == {"skipped"}
+    changed = copy.deepcopy(cfg)
+    changed["train-rm"]["epochs"] = 3
+    pipeline.run_pipeline(changed, "cfg", str(tmp_path))
+    assert fake_launch == ["train-rm/rlcd", "eval-rm/rlcd", "ppo/rlcd-ppo", "score/base", "generate/rlcd-ppo",
+                           "score/rlcd-ppo", "compare/base-vs-rlcd-ppo", "report"]
+
+
+def test_an_input_file_that_changes_reruns_its_readers(tmp_path, fake_launch):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(Path(demo()["prompts-file"]).read_text())
+    cfg = {**demo(), "prompts-file": str(prompts)}
+    pipeline.run_pipeline(cfg, "cfg", str(tmp_path / "run"))
+    fake_launch.clear()
+    prompts.write_text(prompts.read_text() + '{"prompt": "Human: one more?\\n\\nAssistant:"}\n')
+    pipeline.run_pipeline(cfg, "cfg", str(tmp_path / "run"))
+    assert fake_launch[0] == "simulate/rlcd" and "format-prompts" not in fake_launch
+
+
+def test_interrupted_stage_runs_again_and_finished_ones_do_not(tmp_path, fake_launch, monkeypatch):
+    real = pipeline.Runner.launch
+
+    def interrupt_ppo(self, stage):
+        if stage.name == "ppo/rlcd-ppo":
+            raise KeyboardInterrupt
+        return real(self, stage)
+
+    monkeypatch.setattr(pipeline.Runner, "launch", interrupt_ppo)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_pipeline(demo(), "cfg", str(tmp_path))
+    assert fake_launch == ["simulate/rlcd", "consolidate/rlcd", "train-rm/rlcd", "eval-rm/rlcd"]
+    fake_launch.clear()
+    monkeypatch.setattr(pipeline.Runner, "launch", real)
+    pipeline.run_pipeline(demo(), "cfg", str(tmp_path))
+    assert fake_launch[0] == "ppo/rlcd-ppo" and len(fake_launch) == 8
+
+
+def test_failed_stage_is_one_line_naming_its_log(tmp_path, monkeypatch, capsys):
+    cfg = tmp_path / "run.yaml"
+    bad = {**demo(), "train-rm": {"learning-rate": -1}}  # train-rm refuses it
+    cfg.write_text(yaml.safe_dump(bad))
+    monkeypatch.setattr(pipeline.Runner, "launch", _fail_on("train-rm/rlcd"))
+    with pytest.raises(SystemExit) as e:
+        main(["pipeline", "--config", str(cfg), "--run-dir", str(tmp_path / "run")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train-rm/rlcd failed" in err[0] and "logs" in err[0]
+
+
+def _fail_on(name):
+    real = pipeline.Runner.launch
+
+    def launch(self, stage):
+        if stage.name == name:
+            log = self.run / "logs" / "x.log"
+            raise UserError(f"stage {stage.name} failed (exit 2): bad --learning-rate — full log: {log}; fix and run again")
+        stage.output.parent.mkdir(parents=True, exist_ok=True)
+        stage.output.write_text("{}")
+        return 0.0
+
+    return launch
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"colour": "blue"}, "unknown key 'colour'"),
+    ({"prompts-file": "/nonexistent.jsonl"}, "no such file"),
+    ({"systems": {"x": {"stage": "magic"}}}, "systems.x.stage"),
+    ({"systems": {"x": {"stage": "ppo", "reward-model": "rlaif"}}}, "not a simulated method"),
+    ({"train-rm": {"epochs": [1, 2]}}, "expected a single value"),
+])
+def test_config_mistakes_are_one_line(tmp_path, capsys, change, needle):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({**demo(), **change}))
+    with pytest.raises(SystemExit) as e:
+        main(["pipeline", "--config", str(cfg), "--run-dir", str(tmp_path / "run")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err
+
+
+def test_shipped_configs_plan_cleanly(tmp_path, monkeypatch):
+    for name in ("harmless", "helpful", "demo"):
+        cfg = pipeline.load_config(str(ROOT / "configs" / f"{name}.yaml"))
+        for key in ("prompts-file", "test-file"):
+            cfg[key] = demo()[key]  # the shipped paths point at the user's hh-rlhf copy
+        cfg.get("simulate", {}).pop("exclude-prompts", None)
+        pipeline.check_config(cfg, name)
+        stages = [s.name for s in pipeline.plan(cfg, tmp_path)]
+        assert stages[-1] == "report" and any(s.startswith("compare/") for s in stages)
+
+
+def test_shipped_demo_config_is_the_demo(tmp_path):
+    shipped = pipeline.load_config(str(ROOT / "configs" / "demo.yaml"))
+    embedded = demo()
+    for key in ("prompts-file", "test-file"):
+        assert Path(shipped.pop(key)).name == Path(embedded.pop(key)).name
+    shipped.pop("run-dir", None)
+    assert shipped == embedded
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_on_the_default_model(tmp_path, capsys, default_model_path):
+    main(["demo", "--run-dir", str(tmp_path / "demo")])
+    out = capsys.readouterr().out.strip().splitlines()
+    report = Path(out[-1])
+    assert report == tmp_path / "demo" / "report" / "report.html" and report.exists()
+    html = report.read_text()
+    assert "rlcd-ppo" in html and "base" in html
+    state = json.loads((tmp_path / "demo" / "pipeline.json").read_text())
+    assert all(s["status"] == "done" for s in state["stages"])
