@@ -6,6 +6,8 @@ would shadow it.)
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import random
@@ -64,6 +66,26 @@ def scripted_simulate(*args, delay: float = 0.0) -> None:
 
     with mock.patch.object(simulate, "make_engine", lambda a: (ScriptedEngine(delay), {"backend": "scripted"})):
         main(["simulate", *map(str, args)])
+
+
+@contextlib.contextmanager
+def captured():
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        yield out, err
+
+
+def cli(argv, run=None) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `rlcd ...` in this process."""
+    from rlcd.cli import main
+
+    with captured() as (out, err):
+        try:
+            (run or main)(argv)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
 
 
 def env(**extra) -> dict:

@@ -6,24 +6,21 @@ Readers are fuzzed directly (cheap, many examples); a few examples go through th
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import gzip
 import io
 import json
 import math
 import tempfile
-from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from rel_helpers import assert_user_error, records, scripted_simulate
+from rel_helpers import assert_user_error, captured, cli, records, scripted_simulate
 from rlcd import dialogue, preferences, reward, tasks
-from rlcd.cli import main
 from rlcd.files import UserError, is_text
 
 FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -45,24 +42,6 @@ dialogue_text = st.lists(st.tuples(st.sampled_from(MARKERS), maybe_lone), min_si
 
 def fresh_dir():
     return tempfile.TemporaryDirectory(prefix="rlcd-fuzz-")
-
-
-@contextlib.contextmanager
-def captured():
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        yield out, err
-
-
-def cli(argv, run=None) -> tuple[int, str, str]:
-    """(exit code, stdout, stderr) of `rlcd ...` in this process."""
-    with captured() as (out, err):
-        try:
-            (run or main)(argv)
-            code = 0
-        except SystemExit as e:
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def check_user_error(e: UserError, path: Path) -> None:
@@ -142,11 +121,15 @@ def test_hh_pair_files_for_eval_rm_end_in_pairs_or_counted_skips(case):
             assert is_text(chosen) and is_text(rejected)
 
 
+GZ = gzip.compress(b'{"chosen": "Human: hi\\n\\nAssistant: yo"}\n' * 40)
+
+
 @pytest.mark.parametrize("data", [
-    gzip.compress(b'{"chosen": "Human: hi\\n\\nAssistant: yo"}\n' * 40)[:-12],  # truncated gzip
-    gzip.compress(b'{"chosen": "Human: hi\\n\\nAssistant: yo"}\n' * 40)[:30] + b"\x00" * 40,  # corrupt deflate data
+    GZ[:-12],  # truncated: EOFError
+    GZ[:30] + b"\x00" * 40,  # CRC mismatch: BadGzipFile
+    GZ[:10] + bytes([GZ[10] ^ 0xFF]) + GZ[11:],  # corrupt deflate block: zlib.error, not an OSError
     b"plain text, not gzip",
-])
+], ids=["truncated", "crc", "deflate", "not-gzip"])
 @pytest.mark.parametrize("name", ["prompts.jsonl.gz", "prompts.json.gz"])
 def test_broken_gzip_is_one_line_error(tmp_path, data, name):
     path = tmp_path / name
@@ -165,7 +148,12 @@ def test_a_huge_line_and_a_lone_surrogate(tmp_path):
     assert dict(result.skipped) == {"not valid Unicode (a lone surrogate such as \\ud800)": 1}
 
 
+_U2028_LINE = json.dumps({"chosen": "Human: a\u2028b\x85c\n\nAssistant: d"}, ensure_ascii=False)
+U2028_CASE = ([_U2028_LINE], _U2028_LINE.encode(), False)  # raw U+2028 and U+0085 in a record once broke resume
+
+
 @CLI_FUZZ
+@example(U2028_CASE)
 @given(dialogue_file())
 def test_simulate_cli_on_fuzzed_prompts_counts_everything_and_resumes(case):
     """Through `rlcd simulate`: exit 0 with records + skipped == lines in, or one error line; a second run
@@ -207,6 +195,10 @@ task_doc = st.one_of(
 
 
 @FUZZ
+@example(b"name: x\n1: a\nfoo: b\n")  # keys of mixed types once crashed the error message
+@example(b"name: \xff\n")  # not UTF-8
+@example(b"\x00")  # a YAML reader error spans lines
+@example(b'name: t\ndescriptors: [{positive: "(a\\ud800)", negative: "(b)"}]\nprinciples: [p]\n')
 @given(task_doc)
 def test_task_files_load_or_fail_in_one_line(doc):
     with fresh_dir() as d:

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from rel_helpers import assert_user_error, records, scripted_simulate
+from rel_helpers import assert_user_error, cli, records, scripted_simulate
 from rlcd.cli import main
 from rlcd.simulate import TOO_LONG
-from test_bad_input import cli
 
 
 @pytest.fixture(scope="module")
