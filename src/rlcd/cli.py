@@ -36,11 +36,18 @@ STAGES = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """A refused flag is one line too (argparse would print the usage lines first)."""
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; only `command`'s module is imported (the others' flags are not needed to parse it)."""
-    parser = argparse.ArgumentParser(prog="rlcd", description="RLCD: preference simulation and alignment.")
+    parser = Parser(prog="rlcd", description="RLCD: preference simulation and alignment.")
     parser.add_argument("--version", action="version", version=f"rlcd {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=Parser)
     for name, (module, help_text) in STAGES.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", help="YAML file of flag values; command-line flags override it")

@@ -142,7 +142,7 @@ def plan(cfg: dict, run: Path) -> list[Stage]:
         argv += ["--resume", "--seed", seed, *flags(system, f"systems.{name}")]
         stages.append(Stage(f"{trainer}/{name}", argv, out / "config.json", deps=deps, files=[prompts] if trainer in ("ppo", "rloo") else []))
         policies[name] = (str(out), [f"{trainer}/{name}"])
-    test_prompts = run / "outputs" / "prompts.json"
+    test_prompts = run / "prompts.json"
     stages.append(Stage("format-prompts", ["format-prompts", "--data-path", test, "--out-file", str(test_prompts),
                                            *flags(cfg.get("format-prompts"), "format-prompts")], test_prompts, files=[test]))
     score_cfg = dict(cfg.get("score") or {})
@@ -203,9 +203,11 @@ class Runner:
         for stage in self.stages:
             key = self.keys[stage.name] = self.key(stage)
             marker = self.done_marker(stage)
-            if marker.exists() and json.loads(marker.read_text()).get("key") == key and stage.output.exists():
-                self.records.append({"stage": stage.name.split("/")[0], "name": stage.name, "status": "skipped", "seconds": 0.0,
-                                     "outputs": [str(stage.output)]})
+            done = json.loads(marker.read_text()) if marker.exists() else {}
+            if done.get("key") == key and stage.output.exists():
+                # seconds: what the stage took when it ran
+                self.records.append({"stage": stage.name.split("/")[0], "name": stage.name, "status": "skipped",
+                                     "seconds": done.get("seconds", 0.0), "outputs": [str(stage.output)]})
                 print(f"[{stage.name}] up to date, skipped", flush=True)
                 continue
             if marker.exists():  # finished before with other settings or inputs: start this stage afresh
@@ -214,7 +216,7 @@ class Runner:
                        stage.name.split("/")[0] in ("ppo", "sft", "dpo", "rloo", "train-rm") else stage.output)
             seconds = self.launch(stage)
             marker.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(marker, json.dumps({"key": key, "argv": stage.argv, "finished_at": now()}) + "\n")
+            atomic_write_text(marker, json.dumps({"key": key, "argv": stage.argv, "finished_at": now(), "seconds": round(seconds, 1)}) + "\n")
             self.records.append({"stage": stage.name.split("/")[0], "name": stage.name, "status": "done",
                                  "seconds": round(seconds, 1), "outputs": [str(stage.output)]})
             self.save_state()
