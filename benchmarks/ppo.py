@@ -73,7 +73,8 @@ def build(shape: str, lora: bool, device: str):
     return policy.eval(), reference, value.eval(), rm, tok, tok
 
 
-def run_setting(name: str, shape: str, lora: bool, rollouts: int, max_new: int, micro: int, steps: int, device: str) -> dict:
+def run_setting(name: str, shape: str, lora: bool, rollouts: int, max_new: int, micro: int, steps: int, device: str,
+                gen_batch: int = 256) -> dict:
     print(f"== {name}: building", flush=True)
     models = build(shape, lora, device)
     policy = models[0]
@@ -89,7 +90,7 @@ def run_setting(name: str, shape: str, lora: bool, rollouts: int, max_new: int, 
     ppo.build_models = lambda args, dev: models
     argv = ["ppo", "--prompts", "x", "--reward-model", "x", "--out-dir", "x", "--steps", str(steps), "--rollouts", str(rollouts),
             "--minibatch-size", str(min(256, rollouts)), "--micro-batch-size", str(micro), "--forward-batch-size", str(2 * micro),
-            "--generation-batch-size", str(min(256, rollouts)), "--max-new-tokens", str(max_new), "--accept-eos",
+            "--generation-batch-size", str(min(gen_batch, rollouts)), "--max-new-tokens", str(max_new), "--accept-eos",
             "--no-stop-at-marker", *(["--lora"] if lora else [])]
     args = build_parser("ppo").parse_args(argv)
     gen = torch.Generator().manual_seed(1)
@@ -125,7 +126,7 @@ def run_setting(name: str, shape: str, lora: bool, rollouts: int, max_new: int, 
     ours = {k: sum(s[k] for s in warm) / len(warm) for k in ("wall", "time_rollout", "time_score", "time_forward", "time_train", "tokens")}
 
     # plain generate on the same rollout batch: sampling, same batch size and EOS hook
-    batch = min(256, rollouts)
+    batch = min(gen_batch, rollouts)
     chosen = trainer.step_prompts(len(log))
     eos_rate.fill_(3 / max_new)
     generated, t0 = 0, time.time()
@@ -144,7 +145,7 @@ def run_setting(name: str, shape: str, lora: bool, rollouts: int, max_new: int, 
     plain_seconds = time.time() - t0
     eos_rate.fill_(0)
     result = {
-        "setting": name, "shape": shape, "lora": lora, "rollouts_per_step": rollouts, "max_new_tokens": max_new,
+        "setting": name, "shape": shape, "lora": lora, "rollouts_per_step": rollouts, "generation_batch": min(gen_batch, rollouts), "max_new_tokens": max_new,
         "micro_batch_size": micro, "steps": steps,
         "first_step_seconds": round(log[0]["wall"], 2),
         "step_seconds": round(ours["wall"], 2),
@@ -177,15 +178,18 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--cpu-smoke", action="store_true", help="a tiny shape on CPU: checks the script, measures nothing")
     args = p.parse_args()
-    settings = {"default": ("default-full", "default", False, 512, 32), "7b": ("7b-lora", "7b", True, 256, 8)}
+    # 7b: 64 generation slots (256 slots of 320 columns would need 43 GB of KV cache beside three 7B models)
+    settings = {"default": ("default-full", "default", False, 512, 32, 256), "7b": ("7b-lora", "7b", True, 256, 8, 64)}
     if args.cpu_smoke:
         SHAPES["tiny"] = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                               vocab_size=500, max_position_embeddings=512)
         for lora in (False, True):
             run_setting("tiny", "tiny", lora, 8, 8, 4, 2, "cpu")
         return
-    results = [run_setting(*settings[s][:3], settings[s][3], args.max_new_tokens, settings[s][4], args.steps, "cuda")
-               for s in args.shapes.split(",")]
+    results = []
+    for s in args.shapes.split(","):
+        name, shape, lora, rollouts, micro, gen_batch = settings[s]
+        results.append(run_setting(name, shape, lora, rollouts, args.max_new_tokens, micro, args.steps, "cuda", gen_batch))
     name = torch.cuda.get_device_name().lower().replace(" ", "-")
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"ppo_{name}.json")
     out.write_text(json.dumps({

@@ -177,3 +177,70 @@ def test_train_rm_resumes_past_a_checkpoint_cut_short(tmp_path, tiny_model_dir):
     assert manifest["resumed_from"].endswith(f"checkpoint-{last}")
     a, b = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "straight", cut))
     assert b["heldout"]["loss"] == pytest.approx(a["heldout"]["loss"], rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def ppo_models(tiny_model_dir, tmp_path_factory) -> tuple[str, str]:
+    """(policy, reward model): the tiny Llama rewired to end a response with EOS ~30% of the time even
+    without top-k (PPO samples the whole vocabulary), so with --accept-eos rewards vary; a random RM."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaForSequenceClassification
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight[:, 0] = 4.0
+        eos, hidden = model.config.eos_token_id, model.config.hidden_size
+        model.lm_head.weight[eos] = 0
+        model.lm_head.weight[eos, 0] = math.log(20000) / hidden**0.5 / model.model.norm.weight[0]
+    policy = tmp_path_factory.mktemp("ppo-policy")
+    model.save_pretrained(policy)
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.num_labels = 1
+    torch.manual_seed(3)
+    rm = tmp_path_factory.mktemp("ppo-rm")
+    LlamaForSequenceClassification(config).save_pretrained(rm)
+    for f in Path(tiny_model_dir).glob("*token*"):
+        (policy / f.name).write_bytes(f.read_bytes())
+        (rm / f.name).write_bytes(f.read_bytes())
+    return str(policy), str(rm)
+
+
+def test_ppo_kill_9_then_resume_equals_uninterrupted(tmp_path, ppo_models):
+    """kill -9 of `rlcd ppo` at random moments after its first checkpoint (mid-step, mid-checkpoint, at the
+    final save), twice, then --resume: the same per-step log and the same final policy as one run."""
+    from safetensors.torch import load_file
+
+    policy, rm = ppo_models
+    prompts = question_file(tmp_path / "q.json", 24)
+    flags = ["ppo", "--prompts", prompts, "--policy", policy, "--reward-model", rm, "--steps", 6, "--rollouts", 8,
+             "--minibatch-size", 4, "--micro-batch-size", 2, "--max-new-tokens", 8, "--save-every", 1, "--accept-eos",
+             "--learning-rate", "1e-3", "--seed", 5]
+    full = run(rlcd_cmd(*flags, "--out-dir", tmp_path / "full"), env=env(**ONE_THREAD))
+    assert full.returncode == 0, full.stderr[-3000:]
+    whole = [json.loads(x) for x in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    assert 0 < whole[0]["missing_marker_frac"] < 1  # rewards vary, so the policy really trains
+
+    out = tmp_path / "cut"
+    rng = random.Random(11)
+    hits = []
+    for _ in range(2):
+        proc = subprocess.Popen(rlcd_cmd(*flags, "--out-dir", out, "--resume"), env=env(**ONE_THREAD),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        started = len(list((out / "checkpoints").glob("step-*"))) if (out / "checkpoints").exists() else 0
+        if wait_for(lambda: (out / "checkpoints").exists() and len(list((out / "checkpoints").glob("step-*"))) > started, proc):
+            time.sleep(rng.uniform(0, 0.8))
+        alive = proc.poll() is None
+        kill_9(proc)
+        hits.append("interrupted" if alive else "finished")
+    final = run(rlcd_cmd(*flags, "--out-dir", out, "--resume"), env=env(**ONE_THREAD))
+    assert final.returncode == 0, final.stderr[-3000:]
+    times = {"time_rollout", "time_score", "time_forward", "time_train", "time_step"}
+    resumed = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in s.items() if k not in times} for s in resumed] == \
+           [{k: v for k, v in s.items() if k not in times} for s in whole], hits
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all((a[k] == b[k]).all() for k in a), hits
+    assert "interrupted" in hits
