@@ -294,3 +294,13 @@ def test_batched_response_logprobs_equal_one_row_at_a_time(tiny_model_dir):
             n = len(r["response_ids"])
             assert torch.allclose(batched[b, :n], alone, atol=1e-5)
             assert batch["mask"][b].sum() == n
+
+
+def test_report_to_tensorboard_writes_every_step(tiny_model_dir, tiny_rm, tmp_path, seeded_engine):
+    pytest.importorskip("tensorboard", reason="needs the tensorboard package (in the test extra)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ppo_cli(tmp_path / "run", tiny_model_dir, tiny_rm, "--report-to", "tensorboard")
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("ppo/score_mean")] == [1, 2, 3]

@@ -570,29 +570,22 @@ def run(args: argparse.Namespace) -> None:
 
 
 def make_writer(report_to: str, out_dir: Path):
-    """A function that sends one step's figures to TensorBoard or Weights & Biases (None for 'none')."""
+    """A function that sends one step's figures to TensorBoard (None for 'none')."""
     if report_to == "none":
         return None
-    if report_to == "tensorboard":
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise UserError("--report-to tensorboard needs the tensorboard package: pip install tensorboard") from None
-        tb = SummaryWriter(str(out_dir / "tensorboard"))
-
-        def write(stats):
-            for k, v in stats.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    tb.add_scalar(f"ppo/{k}", v, stats["step"])
-            tb.flush()
-
-        return write
     try:
-        import wandb
+        from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise UserError("--report-to wandb needs the wandb package: pip install wandb") from None
-    wandb.init(project=os.environ.get("WANDB_PROJECT", "rlcd"), dir=str(out_dir), resume="allow")
-    return lambda stats: wandb.log({f"ppo/{k}": v for k, v in stats.items() if k != "step"}, step=stats["step"])
+        raise UserError("--report-to tensorboard needs the tensorboard package: pip install tensorboard") from None
+    tb = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def write(stats):
+        for k, v in stats.items():
+            if k != "step" and isinstance(v, (int, float)):
+                tb.add_scalar(f"ppo/{k}", v, stats["step"])
+        tb.flush()
+
+    return write
 
 
 def public_config(args) -> dict:
@@ -657,4 +650,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--save-every", type=positive_int, default=20, help="checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out-dir")
-    p.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default="none", help="also log each step there")
+    p.add_argument("--report-to", choices=["none", "tensorboard"], default="none", help="also log each step to TensorBoard (OUT/tensorboard)")
