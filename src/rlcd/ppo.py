@@ -256,6 +256,8 @@ def pad_rows(rows: list[dict], key: str, width: int, device) -> torch.Tensor:
 class PPO:
     def __init__(self, args, prompts: list[tuple[int, str, list[int]]], device: str):
         self.args, self.prompts, self.device = args, prompts, device
+        self.rank, self.world = process_rank()
+        self.comm_device = device if device.startswith("cuda") else "cpu"  # nccl reduces GPU tensors, gloo CPU ones
         self.policy, self.reference, self.value, self.rm, self.tokenizer, self.rm_tokenizer = build_models(args, device)
         self.pad_id = self.tokenizer.pad_token_id
         self.eos_id = self.tokenizer.eos_token_id
@@ -276,11 +278,13 @@ class PPO:
 
     def step_prompts(self, step: int) -> list[tuple[int, str, list[int]]]:
         n, size = len(self.prompts), self.args.rollouts
+        orders: dict[int, list[int]] = {}  # one seeded permutation of the prompts per pass over them
         chosen = []
         for k in range(step * size, (step + 1) * size):
             epoch, pos = divmod(k, n)
-            g = torch.Generator().manual_seed(self.args.seed * 1_000_003 + epoch)
-            chosen.append(self.prompts[int(torch.randperm(n, generator=g)[pos])] if n > 1 else self.prompts[0])
+            if epoch not in orders:
+                orders[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(self.args.seed * 1_000_003 + epoch)).tolist()
+            chosen.append(self.prompts[orders[epoch][pos]])
         return chosen
 
     def reference_context(self):
@@ -291,28 +295,28 @@ class PPO:
     @torch.no_grad()
     def rollout(self, step: int) -> tuple[list[dict], dict]:
         a = self.args
-        chosen = self.step_prompts(step)
+        # with several processes each samples, scores and runs forward passes on every world-th rollout
+        positions = range(self.rank, a.rollouts, self.world)
+        step_prompts = self.step_prompts(step)
+        chosen = [step_prompts[k] for k in positions]
         t0 = time.time()
         params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=0, top_p=1.0,
                                 stop=(dialogue.END_MARKER,) if a.stop_at_marker else ())
-        seeds = [sample_seed(a.seed, index, f"ppo{step}", k) for k, (index, _, _) in enumerate(chosen)]
+        seeds = [sample_seed(a.seed, index, f"ppo{step}", k) for k, (index, _, _) in zip(positions, chosen)]
         completions = self.engine.generate([p for _, p, _ in chosen], params, seeds)
         t1 = time.time()
         rows, texts, scored = [], [], []
-        for (index, prompt, prompt_ids), c in zip(chosen, completions):
+        for k, (index, prompt, prompt_ids), c in zip(positions, chosen, completions):
             response_ids = list(c.token_ids) + ([self.eos_id] if c.finish_reason == "eos" else [])
-            rows.append({"index": index, "prompt_ids": prompt_ids, "response_ids": response_ids})
+            rows.append({"k": k, "index": index, "prompt_ids": prompt_ids, "response_ids": response_ids,
+                         "score": float(a.missing_marker_reward), "ended": False})
             cut = end_of_response(c.text, c.finish_reason == "eos", a.accept_eos)
             if cut is not None:
-                scored.append(len(rows) - 1)
+                scored.append(rows[-1])
                 texts.append(format_rm_input(prompt, cut))
-        scores = torch.full((len(rows),), float(a.missing_marker_reward))
-        if texts:
-            scores[scored] = torch.tensor(score_texts(self.rm, self.rm_tokenizer, texts, a.forward_batch_size), dtype=torch.float32)
+        for r, score in zip(scored, score_texts(self.rm, self.rm_tokenizer, texts, a.forward_batch_size)):
+            r.update(score=score, ended=True)
         t2 = time.time()
-        raw = scores.clone()
-        if a.scale_rewards and len(scores) > 1 and scores.std() > 1e-6:
-            scores = scores / scores.std()
 
         # old log-probs, reference log-probs and values, a forward batch at a time
         for start in range(0, len(rows), a.forward_batch_size):
@@ -331,6 +335,17 @@ class PPO:
                 n = len(r["response_ids"])
                 r.update(logprobs=logprobs[k, :n].float().cpu(), ref_logprobs=ref[k, :n].float().cpu(),
                          values=values[k, :n].float().cpu(), entropy=entropy[k, :n].float().mean().item())
+
+        if self.world > 1:  # every process gets the whole rollout batch: what follows is the same everywhere
+            import torch.distributed as dist
+
+            shards = [None] * self.world
+            dist.all_gather_object(shards, rows)
+            rows = sorted((r for shard in shards for r in shard), key=lambda r: r["k"])
+        scores = torch.tensor([r["score"] for r in rows], dtype=torch.float32)
+        raw = scores.clone()
+        if a.scale_rewards and len(scores) > 1 and scores.std() > 1e-6:
+            scores = scores / scores.std()
 
         # rewards, advantages and returns over the whole rollout batch (advantages whitened over all of it)
         width = max(len(r["response_ids"]) for r in rows)
@@ -353,7 +368,7 @@ class PPO:
             "kl_coef": self.kl.value,
             "entropy": sum(r["entropy"] for r in rows) / len(rows),
             "response_length": float(mask.sum(1).mean()),
-            "missing_marker_frac": 1 - len(scored) / len(rows),
+            "missing_marker_frac": 1 - sum(r["ended"] for r in rows) / len(rows),
             "time_rollout": round(t1 - t0, 3),
             "time_score": round(t2 - t1, 3),
             "time_forward": round(time.time() - t2, 3),
@@ -373,8 +388,8 @@ class PPO:
                 minibatch = [rows[i] for i in order[start : start + a.minibatch_size]]
                 tokens = sum(len(r["response_ids"]) for r in minibatch)
                 self.optimizer.zero_grad(set_to_none=True)
-                for m in range(0, len(minibatch), a.micro_batch_size):
-                    part = minibatch[m : m + a.micro_batch_size]
+                parts = [minibatch[m : m + a.micro_batch_size] for m in range(0, len(minibatch), a.micro_batch_size)]
+                for part in parts[self.rank :: self.world]:  # this process's share of the micro-batches
                     batch = collate(part, self.pad_id, self.device)
                     width = batch["width_r"]
                     mask = batch["mask"]
@@ -391,6 +406,8 @@ class PPO:
                     totals["value_loss"] += vf.item()
                     totals["clip_frac"] += clipped.item()
                 params = [p for group in self.optimizer.param_groups for p in group["params"]]
+                if self.world > 1:  # the minibatch's gradient is the sum of every process's share
+                    self.sum_over_processes([self.grad_of(p) for p in params])
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm))
                 totals["tokens"] += tokens
                 if not math.isfinite(grad_norm):  # never let one bad minibatch turn every weight into NaN
@@ -400,10 +417,28 @@ class PPO:
                 self.optimizer.step()
                 updates += 1
         n = totals.pop("tokens")
+        if self.world > 1:
+            sums = torch.tensor([totals["policy_loss"], totals["value_loss"], totals["clip_frac"]], dtype=torch.float64)
+            self.sum_over_processes([sums])
+            totals["policy_loss"], totals["value_loss"], totals["clip_frac"] = sums.tolist()
         return {
             "policy_loss": totals["policy_loss"] / n, "value_loss": totals["value_loss"] / n, "clip_frac": totals["clip_frac"] / n,
             "grad_norm": totals["grad_norm"] / max(updates, 1), "optimizer_steps": updates, "nonfinite_updates_skipped": skipped,
         }
+
+    @staticmethod
+    def grad_of(p: torch.Tensor) -> torch.Tensor:
+        if p.grad is None:  # a process whose micro-batches never reached this parameter
+            p.grad = torch.zeros_like(p)
+        return p.grad
+
+    def sum_over_processes(self, tensors: list[torch.Tensor]) -> None:
+        import torch.distributed as dist
+
+        for t in tensors:
+            on = t.to(self.comm_device)
+            dist.all_reduce(on)
+            t.copy_(on)
 
     def run_step(self) -> dict:
         step = self.step
@@ -461,6 +496,25 @@ class PPO:
         for item in tmp.iterdir():
             os.replace(item, out_dir / item.name)
         tmp.rmdir()
+
+
+def process_rank() -> tuple[int, int]:
+    """(rank, number of processes): (0, 1) unless started by `accelerate launch` / torchrun with several."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def start_processes(device: str) -> None:
+    """Join the process group when launched as several processes (gloo on CPU, nccl on GPUs)."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
 
 
 def checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
@@ -541,8 +595,13 @@ def run(args: argparse.Namespace) -> None:
     except OSError as e:
         raise UserError(f"{out_dir}: cannot create the output directory ({e.strerror})") from None
     device = args.device or default_device()
+    start_processes(device)
+    rank, world = process_rank()
+    if args.rollouts % world or args.minibatch_size % world:
+        raise UserError(f"--rollouts {args.rollouts} and --minibatch-size {args.minibatch_size} must divide by the {world} processes")
+    main = rank == 0  # only the first process writes logs, checkpoints and the model
     prompts, skipped = load_ppo_prompts(args.prompts, load_tokenizer_for(args), args.max_prompt_tokens)
-    if skipped:
+    if skipped and main:
         print(f"prompts: {len(prompts)} usable, skipped {skipped}")
     torch.manual_seed(args.seed)
     ppo = PPO(args, prompts, device)
@@ -550,11 +609,15 @@ def run(args: argparse.Namespace) -> None:
     started = now()
     if found and args.resume:
         ppo.load_checkpoint(found[-1][1])
-        print(f"resumed from {found[-1][1]} (step {ppo.step})")
-    truncate_log(log, ppo.step)
-    writer = make_writer(args.report_to, out_dir)
+        if main:
+            print(f"resumed from {found[-1][1]} (step {ppo.step})")
+    writer = make_writer(args.report_to, out_dir) if main else None
+    if main:
+        truncate_log(log, ppo.step)
     while ppo.step < args.steps:
         stats = ppo.run_step()
+        if not main:
+            continue
         append_lines(log, [stats])
         if writer:
             writer(stats)
@@ -563,10 +626,11 @@ def run(args: argparse.Namespace) -> None:
               f"{stats['time_step']:.1f}s (rollout {stats['time_rollout']:.1f}s)", flush=True)
         if ppo.step % args.save_every == 0 or ppo.step == args.steps:
             ppo.save_checkpoint(out_dir)
-    ppo.save_final(out_dir)
-    write_manifest(out_dir / "manifest.json", stage="ppo", config=public_config(args), seed=args.seed,
-                   started_at=started, finished_at=now(), counts={"prompts": len(prompts), "skipped": skipped, "steps": ppo.step})
-    print(out_dir)
+    if main:
+        ppo.save_final(out_dir)
+        write_manifest(out_dir / "manifest.json", stage="ppo", config=public_config(args), seed=args.seed, processes=world,
+                       started_at=started, finished_at=now(), counts={"prompts": len(prompts), "skipped": skipped, "steps": ppo.step})
+        print(out_dir)
 
 
 def make_writer(report_to: str, out_dir: Path):

@@ -200,3 +200,32 @@ def marker_table(path: Path, n: int = 48) -> Path:
                      "output_1": good if first else bad, "output_2": bad if first else good, "preference": 1 if first else 2})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def make_ppo_models(tiny_model_dir: str, out: Path) -> tuple[str, str]:
+    """(policy, reward model) for PPO runs: the tiny Llama rewired to end a response with EOS ~30% of the
+    time even without top-k (PPO samples the whole vocabulary), so with --accept-eos rewards vary; a random RM."""
+    import math
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaForSequenceClassification
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for layer in model.model.layers:  # the residual stream keeps the token embedding only
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight[:, 0] = 4.0
+        eos, hidden = model.config.eos_token_id, model.config.hidden_size
+        model.lm_head.weight[eos] = 0
+        model.lm_head.weight[eos, 0] = math.log(20000) / hidden**0.5 / model.model.norm.weight[0]
+    policy, rm = out / "policy", out / "rm"
+    model.save_pretrained(policy)
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.num_labels = 1
+    torch.manual_seed(3)
+    LlamaForSequenceClassification(config).save_pretrained(rm)
+    for f in Path(tiny_model_dir).glob("*token*"):
+        (policy / f.name).write_bytes(f.read_bytes())
+        (rm / f.name).write_bytes(f.read_bytes())
+    return str(policy), str(rm)

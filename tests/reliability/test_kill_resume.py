@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from rel_helpers import (ONE_THREAD, assert_whole_lines, env, kill_9, marker_table, question_file, records, rlcd_cmd, run,
-                         scripted_cmd, scripted_simulate)
+from rel_helpers import (ONE_THREAD, assert_whole_lines, env, kill_9, make_ppo_models, marker_table, question_file, records,
+                         rlcd_cmd, run, scripted_cmd, scripted_simulate)
 from rlcd.files import load_shard
 
 
@@ -181,31 +181,7 @@ def test_train_rm_resumes_past_a_checkpoint_cut_short(tmp_path, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def ppo_models(tiny_model_dir, tmp_path_factory) -> tuple[str, str]:
-    """(policy, reward model): the tiny Llama rewired to end a response with EOS ~30% of the time even
-    without top-k (PPO samples the whole vocabulary), so with --accept-eos rewards vary; a random RM."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaForSequenceClassification
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        model.model.embed_tokens.weight[:, 0] = 4.0
-        eos, hidden = model.config.eos_token_id, model.config.hidden_size
-        model.lm_head.weight[eos] = 0
-        model.lm_head.weight[eos, 0] = math.log(20000) / hidden**0.5 / model.model.norm.weight[0]
-    policy = tmp_path_factory.mktemp("ppo-policy")
-    model.save_pretrained(policy)
-    config = AutoConfig.from_pretrained(tiny_model_dir)
-    config.num_labels = 1
-    torch.manual_seed(3)
-    rm = tmp_path_factory.mktemp("ppo-rm")
-    LlamaForSequenceClassification(config).save_pretrained(rm)
-    for f in Path(tiny_model_dir).glob("*token*"):
-        (policy / f.name).write_bytes(f.read_bytes())
-        (rm / f.name).write_bytes(f.read_bytes())
-    return str(policy), str(rm)
+    return make_ppo_models(tiny_model_dir, tmp_path_factory.mktemp("ppo-models"))
 
 
 def test_ppo_kill_9_then_resume_equals_uninterrupted(tmp_path, ppo_models):
