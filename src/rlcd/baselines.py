@@ -26,12 +26,11 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-from rlcd.dialogue import END_MARKER
+from rlcd.dialogue import END_MARKER, end_of_response
 from rlcd.files import UserError, atomic_write_text, now, write_manifest
-from rlcd.reward import check_out_dir, format_rm_input, non_negative_int, parse_bf16, positive_int, public_config
+from rlcd.reward import (check_out_dir, format_rm_input, parse_bf16, positive_int, public_config, trainer_arguments,
+                         training_config)
 
-WARMUP_FRACTION = 0.03  # method spec §7: cosine schedule, 3% warmup
-LOGGING_STEPS = 10
 PENALTY = -1.0  # reward of a completion without an end marker, or with nothing before it (method spec §6)
 LEARNING_RATES = {"sft": (2e-5, 2e-4), "dpo": (1e-6, 1e-5), "rloo": (1e-6, 1e-5)}  # (full, --lora)
 
@@ -74,9 +73,9 @@ def marker_rewards(prompts: list[str], completions: list[str], score) -> tuple[l
     rewards = [PENALTY] * len(completions)
     texts, scored = [], []
     for i, (prompt, completion) in enumerate(zip(prompts, completions)):
-        cut = completion.find(END_MARKER)
-        if cut >= 0 and completion[:cut].strip():
-            texts.append(format_rm_input(prompt, completion[:cut]))
+        cut = end_of_response(completion, ended_with_eos=False, accept_eos=False)
+        if cut is not None:
+            texts.append(format_rm_input(prompt, cut))
             scored.append(i)
     for i, s in zip(scored, score(texts) if texts else []):
         rewards[i] = float(s)
@@ -93,41 +92,6 @@ def count_too_long(tokenizer, texts: list[str], max_length: int, each: bool = Fa
 # --------------------------------------------------------------------------------------------------
 # Trainers
 # --------------------------------------------------------------------------------------------------
-
-
-def training_config(config_cls, args: argparse.Namespace, out_dir: Path, bf16: bool, **extra):
-    """The settings every stage shares, on TRL's config class of that stage."""
-    from dataclasses import fields
-
-    import torch
-
-    # transformers 5 folded warmup_ratio into warmup_steps (a fraction when < 1); 4.x still has it
-    names = {f.name for f in fields(config_cls)}
-    warmup = {"warmup_ratio": WARMUP_FRACTION} if "warmup_ratio" in names else {"warmup_steps": WARMUP_FRACTION}
-    return config_cls(
-        output_dir=str(out_dir / "checkpoints"),
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        learning_rate=args.learning_rate,
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps or -1,
-        lr_scheduler_type="cosine",
-        weight_decay=0.0,
-        **warmup,
-        bf16=bf16,  # set explicitly: TRL's configs default to bf16 even where the device has none
-        gradient_checkpointing=args.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
-        logging_steps=LOGGING_STEPS,
-        logging_first_step=True,
-        save_strategy="steps" if args.save_steps else "no",
-        save_steps=args.save_steps or 500,
-        save_total_limit=1,  # a checkpoint only serves --resume; with optimizer state it is 3x the model
-        report_to="none",
-        dataloader_pin_memory=torch.cuda.is_available(),
-        seed=args.seed,
-        data_seed=args.seed,
-        **extra,
-    )
 
 
 def load_policy(args: argparse.Namespace, bf16: bool):
@@ -175,7 +139,7 @@ def build_sft(args: argparse.Namespace, out_dir: Path, bf16: bool):
     rows, skipped = read_table(args.data)
     model, tokenizer, path = load_policy(args, bf16)
     examples = sft_examples(rows, tokenizer.eos_token)
-    config = training_config(SFTConfig, args, out_dir, bf16, max_length=args.max_length, completion_only_loss=True, packing=False)
+    config = training_config(SFTConfig, args, out_dir / "checkpoints", bf16, max_length=args.max_length, completion_only_loss=True, packing=False)
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(examples), processing_class=tokenizer,
                          peft_config=lora_config(args))
     counts = {"examples": len(examples), "skipped_rows": dict(skipped),
@@ -192,7 +156,7 @@ def build_dpo(args: argparse.Namespace, out_dir: Path, bf16: bool):
     rows, skipped = read_table(args.data)
     model, tokenizer, path = load_policy(args, bf16)
     examples = dpo_examples(rows, tokenizer.eos_token)
-    config = training_config(DPOConfig, args, out_dir, bf16, beta=args.beta, max_length=args.max_length)
+    config = training_config(DPOConfig, args, out_dir / "checkpoints", bf16, beta=args.beta, max_length=args.max_length)
     trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(examples), processing_class=tokenizer,
                          peft_config=lora_config(args))
     chosen_long = count_too_long(tokenizer, [e["prompt"] + e["chosen"] for e in examples], args.max_length, each=True)
@@ -231,7 +195,7 @@ def build_rloo(args: argparse.Namespace, out_dir: Path, bf16: bool):
         return rewards
 
     config = training_config(
-        RLOOConfig, args, out_dir, bf16, beta=args.beta, num_generations=args.num_generations,
+        RLOOConfig, args, out_dir / "checkpoints", bf16, beta=args.beta, num_generations=args.num_generations,
         max_completion_length=args.max_new_tokens, temperature=args.temperature, top_p=1.0, top_k=0,
     )
     trainer = RLOOTrainer(model=model, reward_funcs=rm_score, args=config, train_dataset=Dataset.from_list([{"prompt": p} for p in kept]),
@@ -324,18 +288,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("--rm-batch-size", type=positive_int, default=32, help="texts per reward-model forward pass (default 32)")
     if stage != "rloo":
         p.add_argument("--max-length", type=positive_int, default=512, help="tokens per training sequence, prompt included; longer ones lose their end (default 512)")
-    p.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights; the saved model is merged")
-    p.add_argument("--lora-r", type=positive_int, default=16, help="LoRA rank (default 16)")
-    p.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA scaling alpha (default 32)")
-    p.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA inputs (default 0.05)")
-    p.add_argument("--lora-target-modules", default="all-linear", help="comma-separated module names, or all-linear (default)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass to save memory")
-    p.add_argument("--bf16", type=parse_bf16, default="auto", help="bf16 mixed precision: auto (on when CUDA is available), true or false")
-    p.add_argument("--save-steps", type=non_negative_int, default=500,
-                   help="save a checkpoint (for --resume) every this many steps; only the last is kept, and it is deleted once "
-                        "training finishes; 0 saves none (default 500)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT_DIR/checkpoints")
-    p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps (overrides --epochs)")
+    trainer_arguments(p, lora_help="train LoRA adapters instead of all weights; the saved model is merged")
     p.add_argument("--seed", type=int, default=42, help="seed for initialisation, data order and sampling (default 42)")
 
 

@@ -200,3 +200,13 @@ def judge_prompt(prompt: str, principle: str, response_a: str, response_b: str) 
         + gap + "(B) " + response_b.strip()
         + gap + "The answer is: ("
     )
+
+
+def end_of_response(text: str, ended_with_eos: bool, accept_eos: bool) -> str | None:
+    """The response cut at the end marker (marker excluded), or None when it must get the -1 penalty."""
+    cut = text.find(END_MARKER)
+    if cut < 0:
+        if not (accept_eos and ended_with_eos):
+            return None
+        cut = len(text)
+    return text[:cut] if text[:cut].strip() else None

@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 from rlcd import dialogue
-from rlcd.files import UserError, append_lines, atomic_write_text, load_shard, now, open_text, write_manifest
+from rlcd.files import UserError, append_lines, atomic_write_text, ensure_dir, load_shard, now, open_text, write_manifest
 
 SPLITS = {"dev": range(0, 1000), "test": range(1000, 2000)}
 ROUND_BATCHES = 4
@@ -216,10 +216,7 @@ def run_generate(args: argparse.Namespace) -> None:
     out = Path(args.out_file)
     progress_path = out.with_name(out.name + ".progress.jsonl")
     manifest_path = out.with_name(out.name + ".manifest.json")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{out.parent}: cannot create the output directory ({e.strerror})") from None
+    ensure_dir(out.parent)
     settings = settings_of(args)
     done = load_progress(progress_path, settings, dict(items))
     if not progress_path.exists() or progress_path.stat().st_size == 0:

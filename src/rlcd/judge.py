@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
-from rlcd.files import UserError, append_lines, atomic_write_text, load_shard, now, write_manifest
+from rlcd.files import UserError, append_lines, atomic_write_text, ensure_dir, load_shard, now, write_manifest
 
 ORDERS = ("12", "21")
 QUESTIONS = {
@@ -336,10 +336,7 @@ def run(args: argparse.Namespace) -> None:
     out = Path(args.out_file)
     cache_path = out.with_name(out.name + ".cache.jsonl")
     manifest_path = out.with_name(out.name + ".manifest.json")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{out.parent}: cannot create the output directory ({e.strerror})") from None
+    ensure_dir(out.parent)
     judge = make_judge(args)
 
     # every (prompt, order) -> the exact text sent and its cache key; identical texts are judged once

@@ -41,8 +41,9 @@ import torch
 import torch.nn.functional as F
 
 from rlcd import dialogue
+from rlcd.dialogue import end_of_response
 from rlcd.engines import SamplingParams
-from rlcd.files import UserError, append_lines, atomic_write_text, now, write_manifest
+from rlcd.files import UserError, append_lines, atomic_write_text, ensure_dir, now, write_manifest
 from rlcd.reward import format_rm_input, non_negative_int, positive_int, score_texts
 from rlcd.simulate import sample_seed
 
@@ -52,16 +53,6 @@ WARMUP_STEPS = 5
 # --------------------------------------------------------------------------------------------------
 # The PPO arithmetic: pure functions of tensors, tested against hand-computed examples
 # --------------------------------------------------------------------------------------------------
-
-
-def end_of_response(text: str, ended_with_eos: bool, accept_eos: bool) -> str | None:
-    """The response cut at the end marker (marker excluded), or None when it must get the -1 penalty."""
-    cut = text.find(dialogue.END_MARKER)
-    if cut < 0:
-        if not (accept_eos and ended_with_eos):
-            return None
-        cut = len(text)
-    return text[:cut] if text[:cut].strip() else None
 
 
 def shape_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
@@ -590,10 +581,7 @@ def run(args: argparse.Namespace) -> None:
     found = checkpoints(out_dir)
     if found and not args.resume:
         raise UserError(f"{out_dir}: holds PPO checkpoints; pass --resume to continue, or choose another --out-dir")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"{out_dir}: cannot create the output directory ({e.strerror})") from None
+    ensure_dir(out_dir)
     device = args.device or default_device()
     start_processes(device)
     rank, world = process_rank()

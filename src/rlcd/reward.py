@@ -263,19 +263,18 @@ def soft_label_reward_trainer():
     return SoftLabelRewardTrainer
 
 
-def reward_config(args: argparse.Namespace, output_dir: Path, bf16: bool, has_eval: bool):
+def training_config(config_cls, args: argparse.Namespace, checkpoint_dir: Path, bf16: bool, **extra):
+    """The Trainer settings every training stage shares (train-rm, sft, dpo, rloo), on TRL's config class of that stage."""
     from dataclasses import fields
 
     import torch
-    from trl import RewardConfig
 
     # transformers 5 folded warmup_ratio into warmup_steps (a fraction when < 1); 4.x still has it
-    names = {f.name for f in fields(RewardConfig)}
+    names = {f.name for f in fields(config_cls)}
     warmup = {"warmup_ratio": WARMUP_FRACTION} if "warmup_ratio" in names else {"warmup_steps": WARMUP_FRACTION}
-    return RewardConfig(
-        output_dir=str(output_dir),
+    return config_cls(
+        output_dir=str(checkpoint_dir),
         per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         learning_rate=args.learning_rate,
         num_train_epochs=args.epochs,
@@ -283,7 +282,7 @@ def reward_config(args: argparse.Namespace, output_dir: Path, bf16: bool, has_ev
         lr_scheduler_type="cosine",
         weight_decay=0.0,
         **warmup,
-        bf16=bf16,
+        bf16=bf16,  # set explicitly: TRL's configs default to bf16 even where the device has none
         gradient_checkpointing=args.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
         logging_steps=LOGGING_STEPS,
@@ -291,15 +290,25 @@ def reward_config(args: argparse.Namespace, output_dir: Path, bf16: bool, has_ev
         save_strategy="steps" if args.save_steps else "no",
         save_steps=args.save_steps or 500,
         save_total_limit=1,  # a checkpoint is only for resuming; a 7B one with optimizer state is ~80 GB
+        report_to="none",
+        dataloader_pin_memory=torch.cuda.is_available(),
+        seed=args.seed,
+        data_seed=args.seed,
+        **extra,
+    )
+
+
+def reward_config(args: argparse.Namespace, output_dir: Path, bf16: bool, has_eval: bool):
+    from trl import RewardConfig
+
+    return training_config(
+        RewardConfig, args, output_dir, bf16,
+        per_device_eval_batch_size=args.batch_size,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=0.1,  # a fraction: ten looks at the held-out pairs over the run
         prediction_loss_only=True,  # held-out accuracy comes from compute_loss's metrics
         remove_unused_columns=False,  # keep chosen_prob, which TRL's column filter would drop
         max_length=None,  # we cut inputs ourselves (on the left); TRL would drop long pairs instead
-        report_to="none",
-        dataloader_pin_memory=torch.cuda.is_available(),
-        seed=args.seed,
-        data_seed=args.seed,
     )
 
 
@@ -698,7 +707,13 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    help="micro-batches per optimizer step; effective batch = batch size x this x GPUs (paper: 16 pairs)")
     p.add_argument("--max-length", type=positive_int, default=512, help="tokens per input; longer ones lose their start (default 512)")
     p.add_argument("--eval-pairs", type=non_negative_int, default=500, help="pairs held out to monitor accuracy (default 500; 0 for none)")
-    p.add_argument("--lora", action="store_true", help="train LoRA adapters plus the score head instead of all weights; saved merged")
+    trainer_arguments(p, lora_help="train LoRA adapters plus the score head instead of all weights; saved merged")
+    p.add_argument("--seed", type=int, default=42, help="seed for the held-out split, head initialisation and data order (default 42)")
+
+
+def trainer_arguments(p: argparse.ArgumentParser, lora_help: str) -> None:
+    """Flags every Trainer-based stage shares (train-rm, sft, dpo, rloo): LoRA, memory, precision, checkpoints."""
+    p.add_argument("--lora", action="store_true", help=lora_help)
     p.add_argument("--lora-r", type=positive_int, default=16, help="LoRA rank (default 16)")
     p.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA scaling alpha (default 32)")
     p.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA inputs (default 0.05)")
@@ -709,8 +724,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                    help="save a checkpoint (for --resume) every this many steps; only the last is kept, and it is deleted "
                         "once training finishes; 0 saves none (default 500)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT_DIR/checkpoints")
-    p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps (overrides --epochs; for smoke tests)")
-    p.add_argument("--seed", type=int, default=42, help="seed for the held-out split, head initialisation and data order (default 42)")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps (overrides --epochs)")
 
 
 def _scoring_arguments(p: argparse.ArgumentParser) -> None:
