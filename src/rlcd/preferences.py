@@ -59,10 +59,12 @@ def _record_problem(r) -> str | None:
         return f"field 'method' is not one of {list(METHODS)}"
     if r.get("status") not in ("ok", "failed"):
         return "field 'status' is not 'ok' or 'failed'"
+    if not is_text(r.get("prompt")):
+        return "field 'prompt' is not text"
     if r["status"] == "ok":
         slots = ("chosen", "rejected") if r["method"] == "rlcd" else ("A", "B")
-        if not isinstance(r.get("outputs"), dict) or not all(isinstance(r["outputs"].get(s), str) for s in slots):
-            return f"field 'outputs' lacks {' or '.join(slots)}"
+        if not isinstance(r.get("outputs"), dict) or not all(is_text(r["outputs"].get(s)) for s in slots):
+            return f"field 'outputs' lacks text for {' or '.join(slots)}"
         if r["method"] != "rlcd" and (not isinstance(r.get("win2_prob"), (int, float)) or isinstance(r["win2_prob"], bool)):
             return "field 'win2_prob' is not a number"
     return None
