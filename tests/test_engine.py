@@ -19,7 +19,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    model, tokenizer = load_causal_lm(tiny_model_dir, device="cpu")
+    model, tokenizer = load_causal_lm(tiny_model_dir, device="cpu", dtype="float32")
     return HFEngine(model, tokenizer, batch_size=8)
 
 

@@ -199,7 +199,7 @@ def test_ppo_cli_with_the_real_engine_writes_log_checkpoints_and_a_loadable_poli
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(tmp_path / "run")
     from rlcd.models import load_causal_lm
 
-    model, _ = load_causal_lm(str(tmp_path / "run"), device="cpu")
+    model, _ = load_causal_lm(str(tmp_path / "run"), device="cpu", dtype="float32")
     assert model.config.vocab_size > 0
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-2", "step-3"]
 
@@ -210,8 +210,8 @@ def test_rewards_that_vary_move_the_policy_away_from_the_reference(tiny_model_di
     assert log[0]["kl"] == 0.0 and log[1]["kl"] != 0.0  # step 1 samples the reference itself
     from rlcd.models import load_causal_lm
 
-    model, _ = load_causal_lm(str(tmp_path / "run"), device="cpu")
-    base, _ = load_causal_lm(tiny_model_dir, device="cpu")
+    model, _ = load_causal_lm(str(tmp_path / "run"), device="cpu", dtype="float32")
+    base, _ = load_causal_lm(tiny_model_dir, device="cpu", dtype="float32")
     assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), base.state_dict().values()))
 
 
@@ -251,7 +251,7 @@ def test_lora_reference_is_the_base_model_and_final_checkpoint_is_merged(tiny_mo
     trainer.run_step()
     from rlcd.models import load_causal_lm
 
-    base, _ = load_causal_lm(tiny_model_dir, device="cpu")
+    base, _ = load_causal_lm(tiny_model_dir, device="cpu", dtype="float32")
     batch = ppo.collate([{"prompt_ids": prompts[0][2], "response_ids": [5, 6, 7]}], trainer.pad_id, "cpu")
     with torch.no_grad():
         with trainer.reference_context():
@@ -261,7 +261,7 @@ def test_lora_reference_is_the_base_model_and_final_checkpoint_is_merged(tiny_mo
     assert torch.allclose(ref, expected, atol=1e-5)
     assert not torch.allclose(adapted, expected, atol=1e-3)  # the adapters did learn something
     trainer.save_final(tmp_path)
-    merged, _ = load_causal_lm(str(tmp_path), device="cpu")
+    merged, _ = load_causal_lm(str(tmp_path), device="cpu", dtype="float32")
     with torch.no_grad():
         assert torch.allclose(ppo.response_logits(merged, batch), adapted, atol=1e-4)
 
@@ -282,7 +282,7 @@ def test_absurd_settings_are_refused_with_one_line(tiny_model_dir, tiny_rm, tmp_
 def test_batched_response_logprobs_equal_one_row_at_a_time(tiny_model_dir):
     from rlcd.models import load_causal_lm
 
-    model, _ = load_causal_lm(tiny_model_dir, device="cpu")
+    model, _ = load_causal_lm(tiny_model_dir, device="cpu", dtype="float32")
     rows = [{"prompt_ids": [1, 50, 60, 70, 80], "response_ids": [90, 91]}, {"prompt_ids": [1, 40], "response_ids": [33, 34, 35, 36]}]
     batch = ppo.collate(rows, pad_id=0, device="cpu")
     with torch.no_grad():

@@ -142,7 +142,7 @@ def make_engine(args: argparse.Namespace):
 
     device = args.device or default_device()
     try:
-        model = AutoPeftModelForCausalLM.from_pretrained(args.model, dtype=resolve_dtype(args.dtype, device)).merge_and_unload()
+        model = AutoPeftModelForCausalLM.from_pretrained(args.model, dtype=resolve_dtype(args.dtype, device, generation=True)).merge_and_unload()
         has_tokenizer = any((Path(args.model) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
         tokenizer = load_tokenizer(args.model if has_tokenizer else model.config.name_or_path)
     except (OSError, ValueError) as e:
@@ -328,7 +328,7 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", default="auto", choices=["auto", "fast", "hf"],
                    help="fast (continuous batching, CUDA graphs on GPU) or hf (plain decode loop); auto = fast on GPU, hf on CPU")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the GPU of this process if any, else cpu)")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU and on CPUs with native bf16, else fp32), float32, bfloat16, float16")
 
 
 def _postprocess_arguments(p: argparse.ArgumentParser) -> None:

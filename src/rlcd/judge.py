@@ -446,4 +446,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("hf: judges")
     g.add_argument("--batch-size", type=int, default=8, help="judge prompts per forward pass (default 8)")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the GPU if any, else cpu)")
-    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU and on CPUs with native bf16, else fp32), float32, bfloat16, float16")

@@ -267,7 +267,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--engine", default="auto", choices=["auto", "fast", "hf"],
                    help="in-process engine for --backend hf: fast (continuous batching, CUDA graphs on GPU), hf (plain decode loop); auto = fast on GPU, hf on CPU")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the GPU of this process if any, else cpu)")
-    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU and on CPUs with native bf16, else fp32), float32, bfloat16, float16")
     g = p.add_argument_group("sampling")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--batch-size", type=int, default=32, help="samples generated per batch (default 32)")
