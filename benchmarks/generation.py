@@ -13,15 +13,20 @@ Two modes, for every method:
   probability 3/new_tokens at every step, so completions end at random lengths
   (geometric, mean ~new_tokens/3) and batching that keeps slots full pays off.
 
-Methods: ours (FastEngine); plain `generate`; `generate` with a static cache and
-torch.compile(mode="reduce-overhead", fullgraph=True); HFEngine (our eager loop).
+Methods: ours (FastEngine); plain `generate` (prompts left padded to the batch's
+longest); `generate` with a static cache and torch.compile(mode="reduce-overhead",
+fullgraph=True) (padded to the longest possible prompt: one shape); HFEngine (our
+eager loop). Every method runs in each of `--dtypes`: on the GPU bf16; on a CPU fp32,
+and bf16 too where the CPU multiplies bf16 natively (AVX512-BF16 or AMX), which is
+what `--dtype auto` picks for generation there. Ratios are taken against plain
+`generate` at batch 16 (the original scripts') in the same dtype and in fp32.
 On a GPU the run starts with a self-check: FastEngine against HFEngine on a tiny
 fp32 model, which exercises the compiled, graph-captured step and the Triton kernel.
 Roofline: measured HBM bandwidth (a large device-to-device copy) / bytes per decode
 step (weights + live KV cache at the mean context length).
 
     python benchmarks/generation.py                       # GPU, 7B shape, batch 64 and 256
-    python benchmarks/generation.py --cpu                 # CPU, default shape, batch 16
+    python benchmarks/generation.py --cpu                 # CPU, default shape, batch 16, fp32 (and bf16)
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from rlcd.engines import SamplingParams
 from rlcd.engines.fast import FastEngine
 from rlcd.engines.hf import HFEngine
+from rlcd.models import cpu_has_native_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {
@@ -59,6 +65,7 @@ SHAPES = {
 }
 METHODS = ("fast", "static_compile", "generate", "hf_engine")
 BOS, EOS, PAD = 1, 2, 2
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MIN_PROMPT, MAX_PROMPT = 32, 160
 
 
@@ -92,11 +99,11 @@ class Bench:
         self.device = "cpu" if args.cpu else "cuda"
         self.results: list[dict] = []
         config = LlamaConfig(**SHAPES[args.model_shape], bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
-        dtype = torch.float32 if args.cpu else torch.bfloat16
         torch.manual_seed(0)
         t = time.time()
         with torch.device(self.device):
-            self.model = LlamaForCausalLM._from_config(config, dtype=dtype).eval()
+            self.model = LlamaForCausalLM._from_config(config, dtype=DTYPES[args.dtypes[0]]).eval()
+        self.dtype = args.dtypes[0]
         print(f"built the {args.model_shape} model on {self.device} in {time.time() - t:.1f}s", flush=True)
         self.tokenizer = IdTokenizer(config.vocab_size)
         # realistic mode: the hook forces EOS with this per-step probability (0 in forced mode)
@@ -123,7 +130,7 @@ class Bench:
     def _setup(self) -> dict:
         return {"machine": {"device": "cpu" if self.args.cpu else torch.cuda.get_device_name(), "torch": torch.__version__,
                             "transformers": transformers.__version__, "cpu_threads": torch.get_num_threads()},
-                "model_shape": self.args.model_shape, "new_tokens": self.args.new_tokens,
+                "model_shape": self.args.model_shape, "new_tokens": self.args.new_tokens, "dtypes": self.args.dtypes,
                 "prompt_lengths": [MIN_PROMPT, MAX_PROMPT], "sampling": "temperature 1, top-k 50"}
 
     def _previous_runs(self):
@@ -135,13 +142,13 @@ class Bench:
         if any(old.get(k) != v for k, v in self._setup().items()):
             return [], []
         measured = {*self.args.methods, "roofline", "self_check"}
-        return old["runs"], [r for r in old["results"] if r["method"] not in measured]
+        return old["runs"], [r for r in old["results"] if r["method"] not in measured or r.get("dtype") not in self.args.dtypes]
 
     def have_time(self, need_s: float) -> bool:
         return self.args.deadline is None or time.time() - START + need_s < self.args.deadline
 
     def record(self, **row):
-        row = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
+        row = {"dtype": self.dtype, **{k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}}
         row["run"] = len(self.runs)
         self.results.append(row)
         print(json.dumps(row), flush=True)
@@ -235,12 +242,13 @@ class Bench:
         new = self.args.new_tokens
 
         def generate(prompts, max_new, eos):
-            # every batch is padded to the longest possible prompt: one shape for the static cache
-            ids = torch.tensor([[PAD] * (MAX_PROMPT - len(p)) + p for p in prompts], device=self.device)
-            mask = (torch.arange(MAX_PROMPT, device=self.device) >= torch.tensor([MAX_PROMPT - len(p) for p in prompts], device=self.device)[:, None]).long()
+            # the static cache needs one shape: its batches are padded to the longest possible prompt
+            width = MAX_PROMPT if name == "static_compile" else max(map(len, prompts))
+            ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts], device=self.device)
+            mask = (torch.arange(width, device=self.device) >= torch.tensor([width - len(p) for p in prompts], device=self.device)[:, None]).long()
             out = self.model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=50,
                                       max_new_tokens=max_new, eos_token_id=eos, pad_token_id=PAD)
-            return out[:, MAX_PROMPT:]
+            return out[:, width:]
 
         self.eos_rate.fill_(0)
         if "forced" in self.args.modes:
@@ -305,6 +313,12 @@ class Bench:
     def run(self):
         if not self.args.cpu:
             self.self_check()
+        for dtype in self.args.dtypes:
+            self.dtype = dtype
+            self.model.to(DTYPES[dtype])
+            self.run_methods()
+
+    def run_methods(self):
         self.roof = self.roofline()
         if self.roof:
             for b, tok_s in self.roof["tok_s"].items():
@@ -357,16 +371,23 @@ class Bench:
 
     def table(self):
         rows = [r for r in self.kept + self.results if r["method"] in METHODS and r["mode"] != "skipped"]
-        compiled = {(r["mode"], r["batch"]): r["tok_s"] for r in rows if r["method"] == "static_compile"}
-        print(f"\n{'method':<16}{'mode':<11}{'batch':>6}{'tokens':>8}{'seconds':>9}{'tok/s':>9}{'decode tok/s':>14}"
-              f"{'prefill s':>11}{'warm-up s':>11}{'roofline':>10}{'vs static':>11}")
+        compiled = {(r["mode"], r["batch"], r.get("dtype")): r["tok_s"] for r in rows if r["method"] == "static_compile"}
+        original = {(r["mode"], r.get("dtype")): r["tok_s"] for r in rows if r["method"] == "generate" and r["batch"] == 16}
+
+        def ratio(value, base):
+            return f"{value / base:>10.2f}x" if base else f"{'-':>11}"
+
+        print(f"\n{'method':<16}{'dtype':<10}{'mode':<11}{'batch':>6}{'tokens':>8}{'seconds':>9}{'tok/s':>9}{'decode tok/s':>14}"
+              f"{'prefill s':>11}{'warm-up s':>11}{'roofline':>10}{'vs static':>11}{'vs gen@16':>11}{'vs fp32 gen@16':>16}")
         for r in rows:
-            cells = [f"{r['method']:<16}{r['mode']:<11}{r['batch']:>6}{r['tokens']:>8}{r['seconds']:>9.2f}{r['tok_s']:>9.0f}"]
+            dtype = r.get("dtype")
+            cells = [f"{r['method']:<16}{dtype or '?':<10}{r['mode']:<11}{r['batch']:>6}{r['tokens']:>8}{r['seconds']:>9.2f}{r['tok_s']:>9.0f}"]
             decode = f"{r['decode_tok_s']:>14.0f}" if r.get("decode_tok_s") else f"{'-':>14}"
             cells.append(f"{decode}{r['prefill_s']:>11.2f}{r['warmup_s']:>11.1f}" if "prefill_s" in r else " " * 36)
             cells.append(f"{r['roofline_fraction']:>10.0%}" if "roofline_fraction" in r else " " * 10)
-            base = compiled.get((r["mode"], r["batch"]))
-            cells.append(f"{r['tok_s'] / base:>10.2f}x" if base and r["method"] != "static_compile" else "")
+            cells.append(ratio(r["tok_s"], compiled.get((r["mode"], r["batch"], dtype))))
+            cells.append(ratio(r["tok_s"], original.get((r["mode"], dtype))))
+            cells.append(" " * 5 + ratio(r["tok_s"], original.get((r["mode"], "float32"))))
             print("".join(cells))
         if self.roof:
             print(f"roofline ({self.roof['hbm_bandwidth_gb_s']:.0f} GB/s measured): "
@@ -390,6 +411,7 @@ def main():
     parser.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)} (default: all that run on the device)")
     parser.add_argument("--modes", default="forced,realistic", help="subset of forced,realistic")
     parser.add_argument("--skip-baselines", action="store_true", help="only ours (same as --methods fast)")
+    parser.add_argument("--dtypes", help="comma-separated float32,bfloat16 (GPU default bfloat16; CPU float32, plus bfloat16 if native)")
     parser.add_argument("--deadline", type=float, help="seconds: start no configuration that might end later (GPU default 480)")
     args = parser.parse_args()
     if not args.cpu and not torch.cuda.is_available():
@@ -400,6 +422,10 @@ def main():
     if set(args.methods) - set(METHODS) or (args.cpu and "static_compile" in args.methods):
         parser.error(f"--methods: choose from {','.join(METHODS)} (static_compile needs a GPU)")
     args.modes = args.modes.split(",")
+    default_dtypes = ("float32,bfloat16" if cpu_has_native_bf16() else "float32") if args.cpu else "bfloat16"
+    args.dtypes = (args.dtypes or default_dtypes).split(",")
+    if set(args.dtypes) - set(DTYPES):
+        parser.error(f"--dtypes: choose from {','.join(DTYPES)}")
     if args.deadline is None and not args.cpu:
         args.deadline = 480.0
     bench = Bench(args)

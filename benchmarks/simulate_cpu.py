@@ -8,7 +8,8 @@ simulate script, written here from the method spec. Ours: the `Simulation` loop 
 the in-process engine (stop at the next Human turn, finished rows leave the batch).
 Same model, prompts, filter and sampling settings.
 
-    python benchmarks/simulate_cpu.py --num-prompts 8 --max-new-tokens 300
+    python benchmarks/simulate_cpu.py --prompts-file ../shared/data/hh-rlhf-train-first-turn-prompts/harmless-base_train_first20000_first_turn.json.gz \
+        --num-prompts 64 --max-new-tokens 128 --accept-eos --engine hf --baseline-dtypes bfloat16,float32
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 
 from rlcd import dialogue
 from rlcd.engines.hf import HFEngine
-from rlcd.models import load_causal_lm
+from rlcd.models import load_causal_lm, resolve_dtype
 from rlcd.simulate import SLOTS, Simulation, SimulationConfig, plan_record
 from rlcd.tasks import load_task
 
@@ -54,7 +55,7 @@ def baseline(model, tokenizer, records, cfg, batch_size=16):
             n = ids.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in ids else len(ids)
             tokens += n
             text = tokenizer.decode(ids[:n], skip_special_tokens=True)
-            response, _ = dialogue.filter_completion(text, "eos" if n < len(ids) else "length")
+            response, _ = dialogue.filter_completion(text, "eos" if n < len(ids) else "length", cfg.accept_eos)
             if response is not None:
                 outputs.setdefault(i, {})[s] = response
             elif attempts + 1 >= cfg.max_attempts:
@@ -88,30 +89,36 @@ def main():
     p.add_argument("--max-new-tokens", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=32, help="our batch size (the baseline keeps the original's 16)")
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--engine", default="hf", choices=["hf", "fast"], help="our engine (rlcd simulate's --engine)")
+    p.add_argument("--engine", default="fast", choices=["hf", "fast"], help="our engine (rlcd simulate's --engine)")
+    p.add_argument("--accept-eos", action="store_true", help="an end-of-sequence token ends the turn (as for instruct models in configs/)")
+    p.add_argument("--dtype", default="auto", help="ours (rlcd simulate's --dtype; auto: bf16 where the CPU computes it natively)")
+    p.add_argument("--baseline-dtypes", default="same", help="comma-separated dtypes for the baseline runs, or 'same' as ours (default)")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/simulate_cpu.json"))
     args = p.parse_args()
 
     torch.set_num_threads(os.cpu_count() or 1)
-    model, tokenizer = load_causal_lm(args.model, device="cpu")
+    model, tokenizer = load_causal_lm(args.model, device="cpu", dtype=args.dtype)
+    args.dtype = str(model.dtype).removeprefix("torch.")
     task = load_task("harmless")
-    cfg = SimulationConfig(method="rlcd", max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    cfg = SimulationConfig(method="rlcd", max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, accept_eos=args.accept_eos)
     items = dialogue.load_prompts(args.prompts_file).items[: args.num_prompts]
     records = [plan_record(i, prompt, task, cfg) for i, prompt in items]
 
-    results = {"ours": ours(model, tokenizer, items, task, cfg, args.engine), "baseline_generate_b16": baseline(model, tokenizer, records, cfg)}
-    speedup = results["ours"]["pairs_per_s"] / max(results["baseline_generate_b16"]["pairs_per_s"], 1e-12)
-    print(f"{'':28}{'pairs':>7}{'seconds':>9}{'pairs/s':>10}{'tokens/s':>10}")
+    results = {"ours": ours(model, tokenizer, items, task, cfg, args.engine)}
+    for dtype in [args.dtype] if args.baseline_dtypes == "same" else args.baseline_dtypes.split(","):
+        results[f"baseline_generate_b16_{dtype}"] = baseline(model.to(resolve_dtype(dtype, "cpu")), tokenizer, records, cfg)
+    speedup = {name: results["ours"]["pairs_per_s"] / max(r["pairs_per_s"], 1e-12) for name, r in results.items() if name != "ours"}
+    print(f"{'':34}{'pairs':>7}{'seconds':>9}{'pairs/s':>10}{'tokens/s':>10}{'ours vs':>9}")
     for name, r in results.items():
-        print(f"{name:28}{r['pairs']:>7}{r['seconds']:>9}{r['pairs_per_s']:>10.3f}{r['tokens_per_s']:>10.1f}")
-    print(f"speed-up in pairs/s: {speedup:.2f}x")
+        print(f"{name:34}{r['pairs']:>7}{r['seconds']:>9}{r['pairs_per_s']:>10.3f}{r['tokens_per_s']:>10.1f}"
+              + (f"{speedup[name]:>8.2f}x" if name in speedup else ""))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
         "benchmark": "simulate_cpu", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python"] + sys.argv), "machine": {"platform": platform.platform(), "processor": platform.machine(),
         "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()},
         "settings": {**vars(args), "method": "rlcd", "temperature": 1.0, "top_k": 50, "max_attempts": 5},
-        "results": results, "speedup_pairs_per_s": speedup,
+        "results": results, "ours_speedup_pairs_per_s": speedup,
     }, indent=2) + "\n")
     print(args.out)
 
