@@ -171,7 +171,7 @@ class FastEngine(HFEngine):
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
             rows = torch.tensor(slots[done : done + n], device=self.device)
-            self._slots.load(rows, out.past_key_values, [width - len(p) for p in chunk], width)
+            self._slots.load(rows, out[self.cache_key], [width - len(p) for p in chunk], width)
             logits = out.logits[:, -1, :].float()
             if banned is not None:
                 logits.index_fill_(1, banned, float("-inf"))
@@ -206,8 +206,8 @@ class FastEngine(HFEngine):
         # rows whose prompt was left padded still count positions from their first real token
         end = write_col + 1
         kv_len = self._slots.length if self.on_cuda else int(end.max())  # on CPU skip the unused columns
-        out = self.model(input_ids=input_ids, position_ids=(write_col - start)[:, None], past_key_values=self._slots,
-                         use_cache=True, rlcd_slots=(start, end, kv_len))
+        out = self.model(input_ids=input_ids, position_ids=(write_col - start)[:, None], use_cache=True,
+                         rlcd_slots=(start, end, kv_len), **{self.cache_key: self._slots})
         return out.logits[:, -1, :].float()
 
     @contextmanager

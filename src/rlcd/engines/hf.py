@@ -7,6 +7,7 @@ batch and its KV cache, so a batch costs what its live rows cost.
 
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import torch
@@ -27,6 +28,9 @@ class HFEngine:
         self.context_length = getattr(model.config, "max_position_embeddings", None)
         self._banned_cache: dict[tuple[str, ...], torch.Tensor] = {}
         self._enders_cache: dict[tuple[str, ...], set[int]] = {}
+        # the KV cache's name in forward's arguments and outputs: `cache` from transformers 5.24, `past_key_values` before
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a PEFT wrapper
+        self.cache_key = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=True).input_ids)
@@ -82,7 +86,7 @@ class HFEngine:
 
         # logits_to_keep=1: the vocabulary projection of every prompt position would cost more than the prompt itself
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-        cache, next_pos = out.past_key_values, positions[:, -1:] + 1
+        cache, next_pos = out[self.cache_key], positions[:, -1:] + 1
         for step in range(params.max_new_tokens):
             logits = out.logits[:, -1, :].float()
             if banned is not None and len(banned):
@@ -111,7 +115,7 @@ class HFEngine:
                 cache.reorder_cache(idx)
                 mask, next_pos, step_ids, seeds_t = mask[idx], next_pos[idx], step_ids[idx], seeds_t[idx]
                 live = [live[r] for r in keep]
-            out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=next_pos, past_key_values=cache, use_cache=True)
+            out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=next_pos, use_cache=True, **{self.cache_key: cache})
             next_pos = next_pos + 1
         return [d if d is not None else self._finish(t, params, "length") for d, t in zip(done, tokens)]
 
