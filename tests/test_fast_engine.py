@@ -201,9 +201,12 @@ KERNEL_CHECK = textwrap.dedent("""
     from rlcd.engines import fast
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    for batch, heads, kv_heads, dim, length in [(3, 4, 2, 8, 70), (2, 3, 3, 80, 130)]:
-        q = torch.randn(batch, heads, dim, device=device)
-        k, v = torch.randn(2, batch, kv_heads, length, dim, device=device)
+    cases = [(3, 4, 2, 8, 70, torch.float32, 1e-4), (2, 3, 3, 80, 130, torch.float32, 1e-4)]
+    if device == "cuda":  # Triton's CPU interpreter does not compute bf16 products
+        cases.append((3, 8, 2, 64, 100, torch.bfloat16, 2e-2))  # p is rounded to bf16 for the tensor-core product
+    for batch, heads, kv_heads, dim, length, dtype, tol in cases:
+        q = torch.randn(batch, heads, dim, device=device, dtype=dtype)
+        k, v = torch.randn(2, batch, kv_heads, length, dim, device=device, dtype=dtype)
         start = torch.tensor([0, 5, 60][:batch], device=device)
         end = torch.tensor([70, 66, 61][:batch], device=device)
         out = torch.ops.rlcd.slot_attention(q, k, v, start, end, dim ** -0.5)
@@ -211,8 +214,8 @@ KERNEL_CHECK = textwrap.dedent("""
         cols = torch.arange(length, device=device)
         mask = ((cols >= start[:, None]) & (cols < end[:, None]))[:, None, None]
         ref = torch.nn.functional.scaled_dot_product_attention(
-            q[:, :, None], k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask)[:, :, 0]
-        assert (out - ref).abs().max() < 1e-4, (out - ref).abs().max()
+            q[:, :, None].float(), k.repeat_interleave(group, 1).float(), v.repeat_interleave(group, 1).float(), attn_mask=mask)[:, :, 0]
+        assert out.dtype == dtype and (out.float() - ref).abs().max() < tol, (dtype, (out.float() - ref).abs().max())
 """)
 
 

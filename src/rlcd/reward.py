@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlcd import dialogue
+from rlcd.engines import SCORING_TOKEN_BUDGET, no_cudnn_attention, token_budget_batches
 from rlcd.files import UserError, atomic_write_text, ensure_dir, is_text, iter_lines, load_json, now, write_manifest
 
 WARMUP_FRACTION = 0.03  # method spec §5: cosine schedule, 3% warmup, weight decay 0
@@ -94,11 +95,12 @@ def pad_right(sequences: list[list[int]], pad_token_id: int):
     return input_ids, attention_mask
 
 
-def score_texts(model, tokenizer, texts: list[str], batch_size: int = 24, max_length: int | None = None, progress: bool = False) -> list[float]:
+def score_texts(model, tokenizer, texts: list[str], batch_size: int = 24, max_length: int | None = None, progress: bool = False,
+                token_budget: int = SCORING_TOKEN_BUDGET) -> list[float]:
     """Reward of each text (already formatted with `format_rm_input`), in the order given.
 
-    Texts are scored longest first (similar lengths share a batch, so padding stays small, and a
-    batch too large for memory fails at once), then put back in order. Identical texts are scored
+    Texts are scored longest first, in batches of at most batch_size rows and token_budget tokens
+    (padding included; `token_budget_batches`), then put back in order. Identical texts are scored
     once, so they get identical rewards: an exact tie, whatever batch they would have fallen in.
     max_length None means the tokenizer's model_max_length, which `train-rm` saves with the model.
     """
@@ -109,18 +111,17 @@ def score_texts(model, tokenizer, texts: list[str], batch_size: int = 24, max_le
     if not unique:
         return []
     ids, _ = encode_texts(tokenizer, unique, max_length)
-    order = sorted(range(len(unique)), key=lambda i: -len(ids[i]))
     device = next(model.parameters()).device
     scores = [0.0] * len(unique)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            starts = range(0, len(order), batch_size)
-            for start in tqdm(starts, desc="scoring", unit="batch", disable=not progress):
-                chunk = order[start : start + batch_size]
+            batches = token_budget_batches([len(x) for x in ids], batch_size, token_budget)
+            for chunk in tqdm(batches, desc="scoring", unit="batch", disable=not progress):
                 input_ids, attention_mask = pad_right([ids[i] for i in chunk], tokenizer.pad_token_id)
-                logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False).logits
+                with no_cudnn_attention():
+                    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False).logits
                 for i, s in zip(chunk, logits[:, 0].float().tolist()):
                     scores[i] = s
     finally:

@@ -10,6 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
+SCORING_TOKEN_BUDGET = 16384
+"""Most tokens, padding included (rows x the longest row), in one scoring forward (reward scores, A/B
+letter log-probs). On a GPU it gives a 7B forward's matmuls thousands of rows, even of short texts, while
+its activations stay near 1 GB (bf16, no gradients); a caller's row cap keeps CPU batches modest."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -55,3 +60,32 @@ class Engine(Protocol):
         Returns the per-prompt log-probs and the token identifiers used for the candidates.
         """
         ...
+
+
+def token_budget_batches(lengths: Sequence[int], max_rows: int, max_tokens: int = SCORING_TOKEN_BUDGET) -> list[list[int]]:
+    """Indices of the rows of these token lengths in batches for padded forwards, longest first.
+
+    Sorting by length puts similar lengths together, so padding stays small, and a batch too large for
+    memory fails at once. A batch takes rows while rows x its longest (first) row stays within
+    max_tokens and rows <= max_rows; a row longer than max_tokens still gets a batch of its own.
+    """
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        last = batches[-1] if batches else None
+        if last and len(last) < max_rows and (len(last) + 1) * lengths[last[0]] <= max_tokens:
+            last.append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def no_cudnn_attention():
+    """Context: scaled_dot_product_attention without its cuDNN backend (PyTorch's first choice on Hopper GPUs).
+
+    cuDNN builds a plan for every new input shape, which cost ~100 ms per shape on an H100 at the 7B shape
+    (.gpu notes in the fast-engine issue); prefills of refilled slots and scoring batches rarely repeat a
+    shape. The memory-efficient kernel takes the same masks without that cost. No effect on CPU.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])

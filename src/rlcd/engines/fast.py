@@ -12,7 +12,8 @@ queue runs dry.
   between rows, so no compaction is ever needed.
 - Prefill runs the waiting prompts (longest first, a few at a time) through the
   plain model exactly as `HFEngine` does, then copies their keys/values into the
-  free slots.
+  free slots. (Compiling it with dynamic shapes cut a 7B prefill by a quarter but
+  took over two minutes: not worth it below ~100k prompts.)
 - The decode step calls the model with our own cache object and attention
   function: on CUDA a small Triton kernel reads only each row's live columns
   (a padded static cache would read every slot's full length); elsewhere SDPA
@@ -42,7 +43,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from rlcd.engines import Completion, SamplingParams
+from rlcd.engines import Completion, SamplingParams, no_cudnn_attention
 from rlcd.engines.hf import HFEngine, _eos_ids
 from rlcd.engines.sampling import sample
 
@@ -54,6 +55,10 @@ except ImportError:  # CPU-only installs: the SDPA path is used
 
 PREFILL_TOKENS = 8192
 """Most prompt tokens (padding included) in one prefill call: bounds the prefill's own KV cache and activations."""
+
+PREFILL_SLACK = 1024
+"""Padding tokens a prefill chunk may always carry: below this, one forward more costs more (7B on an H100: about
+15 ms of weight reads and eager launches per forward vs about 20 us of compute per padded token)."""
 
 _ATTN = "rlcd_slots"
 
@@ -160,18 +165,24 @@ class FastEngine(HFEngine):
         done = 0
         while done < len(prompts):
             width = len(prompts[done])  # the longest of this chunk
-            n = 1
-            # a chunk takes prompts at least 3/4 as long as its longest: padding stays under a quarter of it
-            while done + n < len(prompts) and (n + 1) * width <= PREFILL_TOKENS and 4 * len(prompts[done + n]) >= 3 * width:
+            n, real = 1, width
+            # a chunk takes the next prompt while its padding stays under a quarter of it, or under PREFILL_SLACK
+            # tokens: one more forward costs more than that much padding (a refill of a few prompts is one forward)
+            while done + n < len(prompts) and (n + 1) * width <= PREFILL_TOKENS:
+                padding = (n + 1) * width - real - len(prompts[done + n])
+                if 4 * padding > (n + 1) * width and padding > PREFILL_SLACK:
+                    break
+                real += len(prompts[done + n])
                 n += 1
             chunk = prompts[done : done + n]
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
             input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=self.device)
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=self.device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+            with no_cudnn_attention():  # refills rarely repeat a shape
+                out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+            self._slots.load(slots[done : done + n], out[self.cache_key], [width - len(p) for p in chunk], width)
             rows = torch.tensor(slots[done : done + n], device=self.device)
-            self._slots.load(rows, out[self.cache_key], [width - len(p) for p in chunk], width)
             logits = out.logits[:, -1, :].float()
             if banned is not None:
                 logits.index_fill_(1, banned, float("-inf"))
@@ -286,12 +297,15 @@ class _Slots:
         self.values[layer_idx][self.rows, :, self.write_col] = value_states[:, :, 0]
         return self.keys[layer_idx], self.values[layer_idx]
 
-    def load(self, rows, prefill_cache, pads: list[int], width: int) -> None:
-        """Copy a left-padded prefill's keys/values (width columns) into slots `rows`."""
+    def load(self, slots: list[int], prefill_cache, pads: list[int], width: int) -> None:
+        """Copy a left-padded prefill's keys/values (width columns) into `slots`."""
+        dev = self.rows.device
+        consecutive = slots == list(range(slots[0], slots[0] + len(slots)))  # a first fill: plain copies, no scatter
+        rows = slice(slots[0], slots[0] + len(slots)) if consecutive else torch.tensor(slots, device=dev)
         for layer, (keys, values) in enumerate(zip(self.keys, self.values)):
             keys[rows, :, :width] = prefill_cache.layers[layer].keys
             values[rows, :, :width] = prefill_cache.layers[layer].values
-        self.start[rows] = torch.tensor(pads, device=rows.device)
+        self.start[rows] = torch.tensor(pads, device=dev)
         self.write_col[rows] = width
 
     def start_rows(self, rows, first_ids, seeds) -> None:
@@ -344,11 +358,15 @@ def slot_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
                    scale: float) -> torch.Tensor:
     """query [B, H, D]; key, value [B, H_kv, L, D]; row b attends to columns [start[b], end[b]). Returns [B, H, D]."""
     batch, heads, dim = query.shape
+    kv_heads = key.shape[1]
+    group = heads // kv_heads
     out = torch.empty_like(query)
-    _slot_attention_kernel[(batch, heads)](
+    # launch settings measured on an H100 (benchmarks/slot_attention.py): near-best for 7B MHA, GQA and the default model
+    _slot_attention_kernel[(batch, kv_heads)](
         query, key, value, out, start, end, scale,
         key.stride(0), key.stride(1), key.stride(2), value.stride(0), value.stride(1), value.stride(2),
-        HEADS=heads, GROUP=heads // key.shape[1], DIM=dim, DIM_P=triton.next_power_of_2(dim), BLOCK=64,
+        HEADS=heads, GROUP=group, DIM=dim, DIM_P=max(16, triton.next_power_of_2(dim)),
+        ROWS=max(16, triton.next_power_of_2(group)), BLOCK=32, IEEE=query.dtype == torch.float32, num_warps=2, num_stages=3,
     )
     return out
 
@@ -363,31 +381,41 @@ if triton is not None:
     @triton.jit
     def _slot_attention_kernel(Q, K, V, Out, Start, End, scale, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh,
                                stride_vl, HEADS: tl.constexpr, GROUP: tl.constexpr, DIM: tl.constexpr,
-                               DIM_P: tl.constexpr, BLOCK: tl.constexpr):
-        # one program per (row, query head): stream the row's live keys/values once, online softmax
+                               DIM_P: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr):
+        # one program per (row, key/value head): the GROUP query heads that share it are the rows of two small
+        # tensor-core products (padded to ROWS >= 16), so each live key/value is read once; online softmax in fp32
         row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: a large slot cache passes 2**31 elements
-        head = tl.program_id(1)
+        kv_head = tl.program_id(1)
         start = tl.load(Start + row)
         end = tl.load(End + row)
+        heads = tl.arange(0, ROWS)
         dims = tl.arange(0, DIM_P)
         in_dim = dims < DIM
-        q = tl.load(Q + (row * HEADS + head) * DIM + dims, mask=in_dim, other=0.0).to(tl.float32) * scale
-        k_row = K + row * stride_kb + (head // GROUP) * stride_kh
-        v_row = V + row * stride_vb + (head // GROUP) * stride_vh
-        best = tl.full([1], float("-inf"), tl.float32)
-        total = tl.zeros([1], tl.float32)
-        acc = tl.zeros([DIM_P], tl.float32)
+        q_mask = (heads < GROUP)[:, None] & in_dim[None, :]
+        q_offsets = (row * HEADS + kv_head * GROUP + heads[:, None]) * DIM + dims[None, :]
+        q = tl.load(Q + q_offsets, mask=q_mask, other=0.0)
+        k_row = K + row * stride_kb + kv_head * stride_kh
+        v_row = V + row * stride_vb + kv_head * stride_vh
+        best = tl.full([ROWS], float("-inf"), tl.float32)
+        total = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, DIM_P], tl.float32)
         for first in range(start, end, BLOCK):
             cols = first + tl.arange(0, BLOCK)
             live = cols < end
-            both = live[:, None] & in_dim[None, :]
-            k = tl.load(k_row + cols[:, None] * stride_kl + dims[None, :], mask=both, other=0.0).to(tl.float32)
-            scores = tl.where(live, tl.sum(k * q[None, :], axis=1), float("-inf"))
-            new_best = tl.maximum(best, tl.max(scores, axis=0))
-            p = tl.exp(scores - new_best)
+            k = tl.load(k_row + cols[None, :] * stride_kl + dims[:, None], mask=live[None, :] & in_dim[:, None], other=0.0)
+            v = tl.load(v_row + cols[:, None] * stride_vl + dims[None, :], mask=live[:, None] & in_dim[None, :], other=0.0)
+            if IEEE:  # fp32 models (tests, self-checks): no TF32 rounding
+                scores = tl.dot(q, k, input_precision="ieee")
+            else:
+                scores = tl.dot(q, k)
+            scores = tl.where(live[None, :], scores * scale, float("-inf"))
+            new_best = tl.maximum(best, tl.max(scores, axis=1))
+            p = tl.exp(scores - new_best[:, None])
             shrink = tl.exp(best - new_best)
-            v = tl.load(v_row + cols[:, None] * stride_vl + dims[None, :], mask=both, other=0.0).to(tl.float32)
-            total = total * shrink + tl.sum(p, axis=0)
-            acc = acc * shrink + tl.sum(p[:, None] * v, axis=0)
+            total = total * shrink + tl.sum(p, axis=1)
+            if IEEE:
+                acc = acc * shrink[:, None] + tl.dot(p, v, input_precision="ieee")
+            else:
+                acc = acc * shrink[:, None] + tl.dot(p.to(v.dtype), v)
             best = new_best
-        tl.store(Out + (row * HEADS + head) * DIM + dims, (acc / total).to(Out.dtype.element_ty), mask=in_dim)
+        tl.store(Out + q_offsets, (acc / total[:, None]).to(Out.dtype.element_ty), mask=q_mask)

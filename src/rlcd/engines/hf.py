@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from rlcd.engines import Completion, SamplingParams
+from rlcd.engines import SCORING_TOKEN_BUDGET, Completion, SamplingParams, no_cudnn_attention, token_budget_batches
 from rlcd.engines.sampling import sample
 
 
@@ -20,10 +20,11 @@ class HFEngine:
     name = "hf"
     can_ban_tokens = True
 
-    def __init__(self, model, tokenizer, batch_size: int = 32):
+    def __init__(self, model, tokenizer, batch_size: int = 32, token_budget: int = SCORING_TOKEN_BUDGET):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.token_budget = token_budget  # most tokens, padding included, in one next_token_logprobs forward
         self.device = next(model.parameters()).device
         self.context_length = getattr(model.config, "max_position_embeddings", None)
         self._banned_cache: dict[tuple[str, ...], torch.Tensor] = {}
@@ -85,7 +86,8 @@ class HFEngine:
         done: list[Completion | None] = [None] * len(prompts)
 
         # logits_to_keep=1: the vocabulary projection of every prompt position would cost more than the prompt itself
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        with no_cudnn_attention():
+            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         cache, next_pos = out[self.cache_key], positions[:, -1:] + 1
         for step in range(params.max_new_tokens):
             logits = out.logits[:, -1, :].float()
@@ -115,7 +117,8 @@ class HFEngine:
                 cache.reorder_cache(idx)
                 mask, next_pos, step_ids, seeds_t = mask[idx], next_pos[idx], step_ids[idx], seeds_t[idx]
                 live = [live[r] for r in keep]
-            out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=next_pos, use_cache=True, **{self.cache_key: cache})
+            with no_cudnn_attention():
+                out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=next_pos, use_cache=True, **{self.cache_key: cache})
             next_pos = next_pos + 1
         return [d if d is not None else self._finish(t, params, "length") for d, t in zip(done, tokens)]
 
@@ -136,13 +139,17 @@ class HFEngine:
 
     @torch.no_grad()
     def next_token_logprobs(self, prompts: Sequence[str], candidates: Sequence[str]) -> tuple[list[list[float]], list[int]]:
+        """Prompts go longest first (in tokens), in batches of at most batch_size rows and token_budget
+        tokens, padding included (`token_budget_batches`); results come back in the order given."""
         ids = [self.candidate_token_id(prompts[0] if prompts else "(", c) for c in candidates]
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         results: list[list[float]] = [[] for _ in prompts]
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
+        if not prompts:
+            return results, ids
+        lengths = [len(x) for x in self.tokenizer(list(prompts), add_special_tokens=True).input_ids]  # as `_encode` tokenizes
+        for chunk in token_budget_batches(lengths, self.batch_size, self.token_budget):
             input_ids, mask, positions = self._encode([prompts[i] for i in chunk])
-            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1, :]
+            with no_cudnn_attention():
+                logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1, :]
             logprobs = logits.float().log_softmax(-1)[:, ids].tolist()
             for i, lp in zip(chunk, logprobs):
                 results[i] = lp
