@@ -82,9 +82,10 @@ def token_budget_batches(lengths: Sequence[int], max_rows: int, max_tokens: int 
 def no_cudnn_attention():
     """Context: scaled_dot_product_attention without its cuDNN backend (PyTorch's first choice on Hopper GPUs).
 
-    cuDNN builds a plan for every new input shape, which cost ~100 ms per shape on an H100 at the 7B shape
-    (.gpu notes in the fast-engine issue); prefills of refilled slots and scoring batches rarely repeat a
-    shape. The memory-efficient kernel takes the same masks without that cost. No effect on CPU.
+    cuDNN builds a plan for every new input shape: a 7B forward of a few prompts took ~90 ms more for a new
+    shape on an H100 (up to 1.5 s for the first ones), and prefills of refilled slots and scoring batches
+    rarely repeat a shape (README, generation throughput). The memory-efficient kernel takes the same
+    masks without that cost. No effect on CPU.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
