@@ -82,8 +82,8 @@ def token_budget_batches(lengths: Sequence[int], max_rows: int, max_tokens: int 
 def no_cudnn_attention():
     """Context: scaled_dot_product_attention without its cuDNN backend (PyTorch's first choice on Hopper GPUs).
 
-    cuDNN builds a plan for every new input shape: a 7B forward of a few prompts took ~90 ms more for a new
-    shape on an H100 (up to 1.5 s for the first ones), and prefills of refilled slots and scoring batches
+    cuDNN builds a plan for every new input shape: a 7B forward of a few prompts took ~90 ms for a new
+    shape on an H100 against ~30 ms for a repeated one (1–1.5 s for the first shapes), and prefills of refilled slots and scoring batches
     rarely repeat a shape (README, generation throughput). The memory-efficient kernel takes the same
     masks without that cost. No effect on CPU.
     """
