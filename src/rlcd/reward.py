@@ -116,12 +116,11 @@ def score_texts(model, tokenizer, texts: list[str], batch_size: int = 24, max_le
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), no_cudnn_attention():
             batches = token_budget_batches([len(x) for x in ids], batch_size, token_budget)
             for chunk in tqdm(batches, desc="scoring", unit="batch", disable=not progress):
                 input_ids, attention_mask = pad_right([ids[i] for i in chunk], tokenizer.pad_token_id)
-                with no_cudnn_attention():
-                    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False).logits
+                logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False).logits
                 for i, s in zip(chunk, logits[:, 0].float().tolist()):
                     scores[i] = s
     finally:

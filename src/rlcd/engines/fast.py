@@ -159,6 +159,7 @@ class FastEngine(HFEngine):
             torch.cuda.empty_cache()
         self._slots = _Slots(self.model, batch, length)
 
+    @no_cudnn_attention()  # refills rarely repeat a shape
     def _admit(self, slots: list[int], prompts: list[list[int]], seeds: list[int], params, banned) -> list[int]:
         """Prefill prompts (sorted longest first) into free slots; returns each one's first sampled token."""
         first: list[int] = []
@@ -179,8 +180,7 @@ class FastEngine(HFEngine):
             input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=self.device)
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=self.device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            with no_cudnn_attention():  # refills rarely repeat a shape
-                out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
             self._slots.load(slots[done : done + n], out[self.cache_key], [width - len(p) for p in chunk], width)
             rows = torch.tensor(slots[done : done + n], device=self.device)
             logits = out.logits[:, -1, :].float()

@@ -65,6 +65,7 @@ class HFEngine:
         return self._enders_cache[stop]
 
     @torch.no_grad()
+    @no_cudnn_attention()
     def generate(self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int]) -> list[Completion]:
         # longest first: similar lengths share a batch and padding stays small
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -86,8 +87,7 @@ class HFEngine:
         done: list[Completion | None] = [None] * len(prompts)
 
         # logits_to_keep=1: the vocabulary projection of every prompt position would cost more than the prompt itself
-        with no_cudnn_attention():
-            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         cache, next_pos = out[self.cache_key], positions[:, -1:] + 1
         for step in range(params.max_new_tokens):
             logits = out.logits[:, -1, :].float()
@@ -117,8 +117,7 @@ class HFEngine:
                 cache.reorder_cache(idx)
                 mask, next_pos, step_ids, seeds_t = mask[idx], next_pos[idx], step_ids[idx], seeds_t[idx]
                 live = [live[r] for r in keep]
-            with no_cudnn_attention():
-                out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=next_pos, use_cache=True, **{self.cache_key: cache})
+            out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=next_pos, use_cache=True, **{self.cache_key: cache})
             next_pos = next_pos + 1
         return [d if d is not None else self._finish(t, params, "length") for d, t in zip(done, tokens)]
 
@@ -138,6 +137,7 @@ class HFEngine:
         return text[:cut] if cut is not None else None
 
     @torch.no_grad()
+    @no_cudnn_attention()
     def next_token_logprobs(self, prompts: Sequence[str], candidates: Sequence[str]) -> tuple[list[list[float]], list[int]]:
         """Prompts go longest first (in tokens), in batches of at most batch_size rows and token_budget
         tokens, padding included (`token_budget_batches`); results come back in the order given."""
@@ -148,8 +148,7 @@ class HFEngine:
         lengths = [len(x) for x in self.tokenizer(list(prompts), add_special_tokens=True).input_ids]  # as `_encode` tokenizes
         for chunk in token_budget_batches(lengths, self.batch_size, self.token_budget):
             input_ids, mask, positions = self._encode([prompts[i] for i in chunk])
-            with no_cudnn_attention():
-                logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1, :]
+            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1, :]
             logprobs = logits.float().log_softmax(-1)[:, ids].tolist()
             for i, lp in zip(chunk, logprobs):
                 results[i] = lp
