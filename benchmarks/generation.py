@@ -14,9 +14,9 @@ Two modes, for every method:
   (geometric, mean ~new_tokens/3) and batching that keeps slots full pays off.
 
 Methods: ours (FastEngine); plain `generate` (prompts left padded to the batch's
-longest); `generate` with a static cache, which makes transformers compile its decoding
-forward itself (torch.compile(mode="reduce-overhead"), its documented static-cache path; padded to
-the longest possible prompt: one shape); HFEngine (our
+longest); `generate` with a static cache, which makes transformers compile its
+decoding forward itself (torch.compile(mode="reduce-overhead"), its documented
+static-cache path; padded to the longest possible prompt: one shape); HFEngine (our
 eager loop). Every method runs in each of `--dtypes`: on the GPU bf16; on a CPU fp32,
 and bf16 too where the CPU multiplies bf16 natively (AVX512-BF16 or AMX), which is
 what `--dtype auto` picks for generation there. Ratios are taken against plain

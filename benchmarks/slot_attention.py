@@ -1,13 +1,15 @@
 """Benchmark: FastEngine's decode attention kernel against SDPA over a padded static cache, on a GPU.
 
 One decode step's attention for one layer (bf16) of the LLaMA-7B shape (32 heads of 128),
-a grouped-query shape (32 query heads over 8 key/value heads, as LLaMA-3-8B) and the default
-model's (9 over 3, of 64): each row attends to its live columns [start, end) of its slot (prompt 32..160 tokens plus
-`--generated` new ones) in a cache of `--length` columns. Methods: ours (the Triton kernel
-in rlcd.engines.fast as the engine launches it; with --sweep also at every launch setting
-given: block of columns, warps, pipeline stages) and `scaled_dot_product_attention` over every column with a mask (what a
-padded static cache computes). Limit: the live keys and values' bytes / measured HBM
-bandwidth. Prints a table and writes JSON to benchmarks/results/.
+a grouped-query shape (32 query heads over 8 key/value heads, as LLaMA-3-8B) and the
+default model's (9 over 3, of 64): each row attends to its live columns [start, end) of
+its slot (prompt 32..160 tokens plus `--generated` new ones) in a cache of `--length`
+columns. Methods: ours (the Triton kernel in rlcd.engines.fast as the engine launches it;
+with --sweep also at every launch setting given: block of columns, warps, pipeline
+stages) and `scaled_dot_product_attention` over every column with a mask (what a padded
+static cache computes), each timed inside a CUDA graph as the engine runs it. Limit: the
+live keys and values' bytes / measured HBM bandwidth (a copy). Prints a table and writes
+JSON to benchmarks/results/.
 
     python benchmarks/slot_attention.py
 """
