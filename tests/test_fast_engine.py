@@ -228,3 +228,25 @@ def test_triton_decode_attention_matches_sdpa():
         env["TRITON_INTERPRET"] = "1"  # read when the kernel is defined, so in a fresh process
     result = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("lengths, chunks", [
+    ([40, 10, 10], [(3, 40)]),  # little padding: one forward, though the short rows are a quarter as long
+    ([1500, 200, 1400], [(2, 1500), (1, 200)]),  # the short row would add 1,300 padding tokens: its own forward
+])
+def test_prefill_chunks_take_padding_up_to_the_slack(lengths, chunks):
+    """FastEngine prefills prompts together while padding stays under a quarter of the chunk or PREFILL_SLACK tokens."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = LlamaForCausalLM(config).eval()
+    engine = FastEngine(model, IdTokenizer(), batch_size=4)
+    shapes = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                           with_kwargs=True)
+    try:
+        prompts = [" ".join(["7"] * n) for n in lengths]
+        engine.generate(prompts, SamplingParams(max_new_tokens=1, stop_at_eos=False), seeds=[0, 1, 2])
+    finally:
+        hook.remove()
+    assert [s for s in shapes if s[1] > 1] == chunks
