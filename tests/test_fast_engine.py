@@ -250,3 +250,32 @@ def test_prefill_chunks_take_padding_up_to_the_slack(lengths, chunks):
     finally:
         hook.remove()
     assert [s for s in shapes if s[1] > 1] == chunks
+
+
+def test_compiled_prefill_layers_share_one_compilation():
+    """On CUDA prefill runs the decoder layers compiled with dynamic shapes; the attention call (which knows its layer)
+    stays outside the compiled code, so the compilations do not grow with the number of layers. Dynamo's eager backend
+    checks this on CPU (inductor's code is what the GPU adds)."""
+    from torch._dynamo.utils import counters
+
+    gen = torch.Generator().manual_seed(0)
+    prompts = [" ".join(map(str, torch.randint(3, 512, (n,), generator=gen).tolist())) for n in (3, 40, 17, 5, 29, 9, 33, 12, 21)]
+    params = SamplingParams(max_new_tokens=8, temperature=0)
+    graphs = []
+    for layers in (2, 6):
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                             num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+        model = LlamaForCausalLM(config).eval()
+        fast = FastEngine(model, IdTokenizer(), batch_size=4)
+        assert len(fast._layers) == layers and not fast._compiled_layers  # CPU: eager prefill
+        fast._compiled_layers = [torch.compile(layer._call_impl, dynamic=True, backend="eager") for layer in fast._layers]
+        torch._dynamo.reset()
+        counters.clear()
+        try:
+            assert fast.generate(prompts, params, list(range(9))) == HFEngine(model, IdTokenizer(), batch_size=16).generate(prompts, params, list(range(9)))
+            graphs.append(counters["stats"]["unique_graphs"])
+        finally:
+            torch._dynamo.reset()
+        assert all(layer._compiled_call_impl is None for layer in fast._layers)  # swapped in only while a prefill runs
+    assert graphs[0] == graphs[1] > 0
