@@ -143,7 +143,9 @@ class Bench:
         if any(old.get(k) != v for k, v in self._setup().items()):
             return [], []
         measured = {*self.args.methods, "roofline", "self_check"}
-        return old["runs"], [r for r in old["results"] if r["method"] not in measured or r.get("dtype") not in self.args.dtypes]
+        kept = [r for r in old["results"] if r["method"] not in measured or r.get("dtype") not in self.args.dtypes]
+        used = sorted({r["run"] for r in kept})  # runs whose results were all measured again are dropped
+        return [old["runs"][i] for i in used], [{**r, "run": used.index(r["run"])} for r in kept]
 
     def have_time(self, need_s: float) -> bool:
         return self.args.deadline is None or time.time() - START + need_s < self.args.deadline

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rlcd.engines import SamplingParams
+from rlcd.engines import SamplingParams, fast
 from rlcd.engines.fast import FastEngine
 from rlcd.engines.hf import HFEngine
 from rlcd.models import load_causal_lm
@@ -234,8 +234,19 @@ def test_triton_decode_attention_matches_sdpa():
     ([40, 10, 10], [(3, 40)]),  # little padding: one forward, though the short rows are a quarter as long
     ([1500, 200, 1400], [(2, 1500), (1, 200)]),  # the short row would add 1,300 padding tokens: its own forward
 ])
-def test_prefill_chunks_take_padding_up_to_the_slack(lengths, chunks):
+def test_prefill_chunks_take_padding_up_to_the_slack(lengths, chunks, monkeypatch):
     """FastEngine prefills prompts together while padding stays under a quarter of the chunk or PREFILL_SLACK tokens."""
+    monkeypatch.setattr(fast, "PREFILL_TOKENS_CPU", fast.PREFILL_TOKENS)  # the rule, not the CPU's smaller bound
+    assert _prefill_shapes(lengths) == chunks
+
+
+def test_cpu_prefill_chunks_stay_under_their_smaller_bound():
+    """On a CPU a chunk holds at most PREFILL_TOKENS_CPU (1,024) tokens: larger activations page-fault on every op."""
+    assert _prefill_shapes([400, 400, 400, 1500]) == [(1, 1500), (2, 400), (1, 400)]
+
+
+def _prefill_shapes(lengths):
+    """The (rows, width) of each prefill forward when FastEngine on the CPU admits prompts of these lengths."""
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                          num_key_value_heads=1, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=2)
@@ -246,10 +257,10 @@ def test_prefill_chunks_take_padding_up_to_the_slack(lengths, chunks):
                                            with_kwargs=True)
     try:
         prompts = [" ".join(["7"] * n) for n in lengths]
-        engine.generate(prompts, SamplingParams(max_new_tokens=1, stop_at_eos=False), seeds=[0, 1, 2])
+        engine.generate(prompts, SamplingParams(max_new_tokens=1, stop_at_eos=False), seeds=list(range(len(prompts))))
     finally:
         hook.remove()
-    assert [s for s in shapes if s[1] > 1] == chunks
+    return [s for s in shapes if s[1] > 1]
 
 
 def test_compiled_prefill_layers_share_one_compilation():
