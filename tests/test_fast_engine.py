@@ -290,3 +290,22 @@ def test_compiled_prefill_layers_share_one_compilation():
             torch._dynamo.reset()
         assert all(layer._compiled_call_impl is None for layer in fast._layers)  # swapped in only while a prefill runs
     assert graphs[0] == graphs[1] > 0
+
+
+def test_prefill_falls_back_to_eager_when_compiling_fails(engines):
+    """A compiler error in the prefill layers warns once and prefills eagerly; the completions do not change."""
+    hf, fast = engines
+
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    params = SamplingParams(max_new_tokens=6, temperature=0)
+    torch._dynamo.reset()
+    fast._compiled_layers = [torch.compile(layer._call_impl, dynamic=True, backend=broken_backend) for layer in fast._layers]
+    try:
+        with pytest.warns(UserWarning, match="compiling the prefill failed"):
+            assert fast.generate(PROMPTS, params, SEEDS) == hf.generate(PROMPTS, params, SEEDS)
+        assert fast._compiled_layers == []
+    finally:
+        fast._compiled_layers = []
+        torch._dynamo.reset()
