@@ -265,7 +265,8 @@ def _prefill_shapes(lengths):
 
 def test_compiled_prefill_layers_share_one_compilation():
     """On CUDA prefill runs the decoder layers compiled with dynamic shapes; the attention call (which knows its layer)
-    stays outside the compiled code, so the compilations do not grow with the number of layers. Dynamo's eager backend
+    stays outside the compiled code, so the compilations do not grow with the number of layers, and the one-prompt
+    variant is compiled with the first chunk (not in the middle of a run). Dynamo's eager backend
     checks this on CPU (inductor's code is what the GPU adds)."""
     from torch._dynamo.utils import counters
 
@@ -284,6 +285,10 @@ def test_compiled_prefill_layers_share_one_compilation():
         torch._dynamo.reset()
         counters.clear()
         try:
+            fast.generate(["5 6 7 8 9"] * 4, params, [0, 1, 2, 3])  # one chunk of four prompts
+            first = counters["stats"]["unique_graphs"]
+            fast.generate(prompts[:1], params, [0])  # a chunk of one prompt: compiled along with that first chunk
+            assert counters["stats"]["unique_graphs"] == first
             assert fast.generate(prompts, params, list(range(9))) == HFEngine(model, IdTokenizer(), batch_size=16).generate(prompts, params, list(range(9)))
             graphs.append(counters["stats"]["unique_graphs"])
         finally:

@@ -92,6 +92,7 @@ class FastEngine(HFEngine):
         # prefill: decoder layers compiled with dynamic shapes, swapped in only while a prefill runs
         self._layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
         self._compiled_layers = [torch.compile(layer._call_impl, dynamic=True) for layer in self._layers] if self.on_cuda else []
+        self._one_row_compiled = False
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int]) -> list[Completion]:
@@ -180,6 +181,11 @@ class FastEngine(HFEngine):
         first: list[int] = []
         done = 0
         limit = PREFILL_TOKENS if self.on_cuda else PREFILL_TOKENS_CPU
+        if self._compiled_layers and not self._one_row_compiled:
+            # dynamo compiles a chunk of one prompt apart (it specialises size 1): compile it now, with the first
+            # chunk, not in the middle of a run (its slot is overwritten by the chunk's own forward)
+            self._one_row_compiled = True
+            self._prefill(prompts[:1], torch.tensor(slots[:1], device=self.device), len(prompts[0]))
         while done < len(prompts):
             width = len(prompts[done])  # the longest of this chunk
             n, real = 1, width
