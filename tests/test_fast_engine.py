@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rlcd.engines import SamplingParams, fast
-from rlcd.engines.fast import FastEngine
+from rlcd.engines import SamplingParams
+from rlcd.engines.fast import PREFILL_TOKENS, FastEngine
 from rlcd.engines.hf import HFEngine
 from rlcd.models import load_causal_lm
 
@@ -236,7 +236,7 @@ def test_triton_decode_attention_matches_sdpa():
 ])
 def test_prefill_chunks_take_padding_up_to_the_slack(lengths, chunks, monkeypatch):
     """FastEngine prefills prompts together while padding stays under a quarter of the chunk or PREFILL_SLACK tokens."""
-    monkeypatch.setattr(fast, "PREFILL_TOKENS_CPU", fast.PREFILL_TOKENS)  # the rule, not the CPU's smaller bound
+    monkeypatch.setattr("rlcd.engines.fast.PREFILL_TOKENS_CPU", PREFILL_TOKENS)  # the rule, not the CPU's smaller bound
     assert _prefill_shapes(lengths) == chunks
 
 
