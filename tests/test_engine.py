@@ -109,3 +109,19 @@ def test_uniforms_are_uniform_and_keyed_by_seed_step_token():
     # no correlation between neighbouring seeds
     corr = torch.corrcoef(torch.stack([u[0], u[1]]))[0, 1].item()
     assert abs(corr) < 0.1 and not math.isnan(corr)
+
+
+def test_letter_logprobs_of_a_bf16_model_come_from_an_fp32_projection(tiny_model_dir):
+    """In bf16, logits are rounded to a few bits, so two letters often tie exactly (a judge's "no preference");
+    the engine lifts the last hidden state and the output projection to fp32."""
+    model, tokenizer = load_causal_lm(tiny_model_dir, device="cpu", dtype="bfloat16")
+    engine = HFEngine(model, tokenizer, batch_size=8)
+    prompts = [p + " (A) yes (B) no. The answer is: (" for p in PROMPTS]
+    logprobs, ids = engine.next_token_logprobs(prompts, ["A", "B"])
+    for prompt, lp in zip(prompts, logprobs):
+        enc = tokenizer(prompt, return_tensors="pt")
+        hidden = model.get_decoder()(**enc).last_hidden_state[0, -1].float()
+        expected = (hidden @ model.get_output_embeddings().weight.float().T).log_softmax(-1)[ids]
+        assert lp == pytest.approx(expected.tolist(), abs=1e-4)
+        bf16 = model(**enc).logits[0, -1].log_softmax(-1)[ids].float()
+        assert lp != pytest.approx(bf16.tolist(), abs=1e-6)  # not the bf16 logits: those are coarser

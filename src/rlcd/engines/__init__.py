@@ -40,6 +40,9 @@ class Completion:
     num_tokens: int
     token_ids: tuple[int, ...] = ()
     """The sampled token ids (in-process engines; empty from servers). The end-of-sequence token is not included."""
+    eos_token_id: int | None = None
+    """With finish_reason "eos" from an in-process engine: which end-of-sequence token was sampled (a model
+    may have several, e.g. Qwen's <|im_end|> and <|endoftext|>), so callers score what was sampled."""
 
 
 class Engine(Protocol):

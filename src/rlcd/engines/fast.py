@@ -155,7 +155,7 @@ class FastEngine(HFEngine):
     def _take(self, tok: int, tokens: list[int], params: SamplingParams, eos: set[int]) -> Completion | None:
         """Add a sampled token to a row; its Completion when that ends the row (same rules as HFEngine)."""
         if tok in eos:
-            return self._finish(tokens, params, "eos")
+            return self._finish(tokens, params, "eos", tok)
         tokens.append(tok)
         text = self._stopped_text(tokens, params.stop)
         if text is not None:

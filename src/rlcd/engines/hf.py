@@ -98,7 +98,7 @@ class HFEngine:
             for row, tok in enumerate(chosen):
                 i = live[row]
                 if tok in eos:
-                    done[i] = self._finish(tokens[i], params, "eos")
+                    done[i] = self._finish(tokens[i], params, "eos", tok)
                     continue
                 tokens[i].append(tok)
                 text = self._stopped_text(tokens[i], params.stop) if tok in enders else None
@@ -121,8 +121,8 @@ class HFEngine:
             next_pos = next_pos + 1
         return [d if d is not None else self._finish(t, params, "length") for d, t in zip(done, tokens)]
 
-    def _finish(self, tokens: list[int], params: SamplingParams, reason: str) -> Completion:
-        return Completion(self.tokenizer.decode(tokens), reason, len(tokens), tuple(tokens))
+    def _finish(self, tokens: list[int], params: SamplingParams, reason: str, eos_token_id: int | None = None) -> Completion:
+        return Completion(self.tokenizer.decode(tokens), reason, len(tokens), tuple(tokens), eos_token_id)
 
     def _stopped_text(self, tokens: list[int], stop: tuple[str, ...]) -> str | None:
         """The text cut right after the first stop string, or None when no stop string has appeared."""
@@ -148,11 +148,24 @@ class HFEngine:
         lengths = [len(x) for x in self.tokenizer(list(prompts), add_special_tokens=True).input_ids]  # as `_encode` tokenizes
         for chunk in token_budget_batches(lengths, self.batch_size, self.token_budget):
             input_ids, mask, positions = self._encode([prompts[i] for i in chunk])
-            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1, :]
-            logprobs = logits.float().log_softmax(-1)[:, ids].tolist()
+            logprobs = self._last_logits_fp32(input_ids, mask, positions).log_softmax(-1)[:, ids].tolist()
             for i, lp in zip(chunk, logprobs):
                 results[i] = lp
         return results, ids
+
+    def _last_logits_fp32(self, input_ids, mask, positions) -> torch.Tensor:
+        """The last position's logits with the output projection in fp32, whatever the model's dtype.
+
+        In bf16 two letters' logits are often exactly equal (a tie, read as "no preference"): bf16 keeps
+        8 bits of mantissa, so logits near 20 are rounded to steps of 0.125. The decoder runs in the model's
+        dtype; only its last hidden state and the output projection are lifted to fp32.
+        """
+        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=mask, position_ids=positions).last_hidden_state[:, -1]
+        head = self.model.get_output_embeddings()
+        logits = hidden.float() @ head.weight.float().T
+        if getattr(head, "bias", None) is not None:
+            logits = logits + head.bias.float()
+        return logits
 
     def candidate_token_id(self, prompt: str, candidate: str) -> int:
         """The token id the model would produce for `candidate` right after `prompt`.
