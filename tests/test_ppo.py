@@ -90,6 +90,16 @@ def test_whiten_ignores_padding():
     assert torch.allclose(w, torch.tensor([[-1.0, 1.0, 0.0]]), atol=1e-4)
 
 
+def test_whiten_without_shifting_keeps_the_masked_mean_and_gives_unit_masked_std():
+    # the shaped-reward scaling: real tokens 1, 3, 5 have mean 3 and std sqrt(8/3); padding stays 0
+    x = torch.tensor([[1.0, 3.0, 100.0], [5.0, -7.0, 0.0]])
+    mask = torch.tensor([[1.0, 1, 0], [1, 0, 0]])
+    w = ppo.whiten(x, mask, shift_mean=False)
+    s = (8 / 3) ** 0.5
+    assert torch.allclose(w, torch.tensor([[3 - 2 / s, 3.0, 0.0], [3 + 2 / s, 0.0, 0.0]]), atol=1e-4)
+    assert (w * mask).sum() / mask.sum() == pytest.approx(3.0)
+
+
 def test_policy_loss_is_clipped_and_value_loss_is_the_larger_of_clipped_and_unclipped():
     mask = torch.ones(1, 2)
     old = torch.zeros(1, 2)
@@ -138,7 +148,9 @@ class SeededEngine:
         for seed in seeds:
             rng = random.Random(seed)
             ids = tuple(rng.randrange(100, 2000) for _ in range(rng.randint(1, params.max_new_tokens)))
-            out.append(Completion(self.tokenizer.decode(ids), rng.choice(["eos", "length"]), len(ids), ids))
+            reason = rng.choice(["eos", "length"])
+            eos = self.tokenizer.eos_token_id if reason == "eos" else None
+            out.append(Completion(self.tokenizer.decode(ids), reason, len(ids), ids, eos))
         return out
 
 
@@ -158,7 +170,7 @@ class ScriptedEngine:
         for k in range(len(prompts)):
             text, reason = self.script[k % len(self.script)]
             ids = tuple(self.tokenizer(text, add_special_tokens=False).input_ids)
-            out.append(Completion(text, reason, len(ids), ids))
+            out.append(Completion(text, reason, len(ids), ids, self.tokenizer.eos_token_id if reason == "eos" else None))
         return out
 
 
@@ -188,6 +200,89 @@ def test_reward_sits_on_the_last_response_token_and_missing_marker_gets_minus_on
             # with kl 0 and gamma = lambda = 1, return_t = the sequence's score for every token t
             if score is not None:
                 assert torch.allclose(row["returns"], torch.full_like(row["returns"], score), atol=1e-5)
+
+
+def test_an_eos_ending_keeps_the_end_token_that_was_sampled(tiny_model_dir, tiny_rm, tmp_path):
+    # like Qwen (<|im_end|> and <|endoftext|>): the generation config lists two end ids and the engine stops on either;
+    # here the model always samples the one that is not tokenizer.eos_token_id
+    args = make_args(tiny_model_dir, tiny_rm, tmp_path, "--rollouts", "4")
+    prompts, _ = ppo.load_ppo_prompts(args.prompts, ppo.load_tokenizer_for(args), args.max_prompt_tokens)
+    trainer = ppo.PPO(args, prompts, "cpu")
+    tok = trainer.tokenizer
+    other = tok.convert_tokens_to_ids("<|endoftext|>")
+    assert other not in (tok.eos_token_id, tok.pad_token_id)
+    trainer.policy.generation_config.eos_token_id = [tok.eos_token_id, other]
+
+    def always_other(module, inputs, logits):
+        logits[..., other] += 1e4
+        return logits
+
+    trainer.policy.get_output_embeddings().register_forward_hook(always_other)
+    rows, _ = trainer.rollout(0)
+    for row in rows:
+        assert row["response_ids"] == [other]
+        assert row["logprobs"][-1] > -1e-3  # the log-prob of the sampled token (the tokenizer's EOS would be ~ -1e4)
+
+
+def test_log_probs_are_those_of_the_tempered_distribution_that_was_sampled(tiny_model_dir, tiny_rm, tmp_path, seeded_engine, monkeypatch):
+    args = make_args(tiny_model_dir, tiny_rm, tmp_path, "--temperature", "0.7", "--rollouts", "4", "--minibatch-size", "4", "--epochs", "1")
+    prompts, _ = ppo.load_ppo_prompts(args.prompts, ppo.load_tokenizer_for(args), args.max_prompt_tokens)
+    trainer = ppo.PPO(args, prompts, "cpu")
+    rows, _ = trainer.rollout(0)
+    for r in rows:
+        with torch.no_grad():
+            logits = trainer.policy(input_ids=torch.tensor([r["prompt_ids"] + r["response_ids"]])).logits[0, len(r["prompt_ids"]) - 1 : -1]
+        expected = (logits / 0.7).log_softmax(-1).gather(1, torch.tensor(r["response_ids"])[:, None]).squeeze(1)
+        assert torch.allclose(r["logprobs"], expected, atol=1e-5)
+        assert torch.allclose(r["ref_logprobs"], expected, atol=1e-5)  # the reference at the same temperature (step 1: same weights)
+    # the update's new log-probs too: before its one optimizer step they equal the old ones (ratio 1)
+    seen = []
+
+    def spy(logprobs, old_logprobs, *rest):
+        seen.append((logprobs.detach(), old_logprobs, rest[4]))  # rest[4]: the mask of real response tokens
+        return real_losses(logprobs, old_logprobs, *rest)
+
+    real_losses = ppo.ppo_losses
+    monkeypatch.setattr(ppo, "ppo_losses", spy)
+    trainer.train(rows, 0)
+    new, old, mask = seen[0]
+    assert torch.allclose(new * mask, old, atol=1e-5)
+
+
+@pytest.mark.parametrize("scaling", ["shaped", "scores", "none"])
+def test_each_reward_scaling_gives_the_rewards_it_promises(scaling, tiny_model_dir, tiny_rm, tmp_path, seeded_engine):
+    args = make_args(tiny_model_dir, tiny_rm, tmp_path, "--reward-scaling", scaling, "--kl", "0.5")
+    prompts, _ = ppo.load_ppo_prompts(args.prompts, ppo.load_tokenizer_for(args), args.max_prompt_tokens)
+    trainer = ppo.PPO(args, prompts, "cpu")
+    trainer.run_step()  # the policy moves away from the reference, so the KL penalty is not zero
+    rows, stats = trainer.rollout(1)
+    assert stats["reward_scaling"] == scaling
+    width = max(len(r["response_ids"]) for r in rows)
+    mask = torch.tensor([[1.0] * len(r["response_ids"]) + [0.0] * (width - len(r["response_ids"])) for r in rows])
+    # with gamma = lambda = 1 the return at token t is the sum of the rewards from t on: read the rewards back from it
+    returns = ppo.pad_rows(rows, "returns", width, "cpu")
+    used = (returns - torch.nn.functional.pad(returns[:, 1:], (0, 1))) * mask
+    scores = torch.tensor([r["score"] for r in rows])
+    if scaling == "scores":
+        scores = scores / scores.std()
+    expected, kl = ppo.shape_rewards(scores, ppo.pad_rows(rows, "logprobs", width, "cpu"), ppo.pad_rows(rows, "ref_logprobs", width, "cpu"),
+                                     mask, kl_coef=0.5)
+    assert kl.abs().sum() > 0
+    if scaling == "shaped":  # unit std over all response tokens of the step, mean kept
+        mean = expected.sum() / mask.sum()
+        assert used.sum() / mask.sum() == pytest.approx(float(mean), abs=1e-4)
+        assert float(((((used - mean) * mask) ** 2).sum() / mask.sum()).sqrt()) == pytest.approx(1.0, abs=1e-3)
+        expected = ppo.whiten(expected, mask, shift_mean=False)
+    assert torch.allclose(used, expected, atol=1e-4)
+
+
+def test_reward_scaling_defaults_to_shaped_and_no_scale_rewards_still_means_none(tiny_model_dir, tiny_rm, tmp_path, capsys):
+    assert make_args(tiny_model_dir, tiny_rm, tmp_path).reward_scaling == "shaped"
+    assert make_args(tiny_model_dir, tiny_rm, tmp_path, "--no-scale-rewards").reward_scaling == "none"
+    with pytest.raises(SystemExit) as e:
+        make_args(tiny_model_dir, tiny_rm, tmp_path, "--no-scale-rewards", "--reward-scaling", "scores")
+    assert e.value.code == 2
+    assert "--no-scale-rewards" in capsys.readouterr().err
 
 
 def test_ppo_cli_with_the_real_engine_writes_log_checkpoints_and_a_loadable_policy(tiny_model_dir, tiny_rm, tmp_path, capsys):
@@ -255,15 +350,15 @@ def test_lora_reference_is_the_base_model_and_final_checkpoint_is_merged(tiny_mo
     batch = ppo.collate([{"prompt_ids": prompts[0][2], "response_ids": [5, 6, 7]}], trainer.pad_id, "cpu")
     with torch.no_grad():
         with trainer.reference_context():
-            ref = ppo.response_logits(trainer.policy, batch)
-        adapted = ppo.response_logits(trainer.policy, batch)
-        expected = ppo.response_logits(base, batch)
+            ref = ppo.response_logits(trainer.policy, batch, 1.0)
+        adapted = ppo.response_logits(trainer.policy, batch, 1.0)
+        expected = ppo.response_logits(base, batch, 1.0)
     assert torch.allclose(ref, expected, atol=1e-5)
     assert not torch.allclose(adapted, expected, atol=1e-3)  # the adapters did learn something
     trainer.save_final(tmp_path)
     merged, _ = load_causal_lm(str(tmp_path), device="cpu", dtype="float32")
     with torch.no_grad():
-        assert torch.allclose(ppo.response_logits(merged, batch), adapted, atol=1e-4)
+        assert torch.allclose(ppo.response_logits(merged, batch, 1.0), adapted, atol=1e-4)
 
 
 def test_absurd_settings_are_refused_with_one_line(tiny_model_dir, tiny_rm, tmp_path, capsys):
@@ -286,7 +381,7 @@ def test_batched_response_logprobs_equal_one_row_at_a_time(tiny_model_dir):
     rows = [{"prompt_ids": [1, 50, 60, 70, 80], "response_ids": [90, 91]}, {"prompt_ids": [1, 40], "response_ids": [33, 34, 35, 36]}]
     batch = ppo.collate(rows, pad_id=0, device="cpu")
     with torch.no_grad():
-        batched = ppo.token_logprobs(ppo.response_logits(model, batch), batch["response_ids"])
+        batched = ppo.token_logprobs(ppo.response_logits(model, batch, 1.0), batch["response_ids"])
         for b, r in enumerate(rows):
             ids = torch.tensor([r["prompt_ids"] + r["response_ids"]])
             logits = model(input_ids=ids).logits[0, len(r["prompt_ids"]) - 1 : -1]

@@ -4,13 +4,20 @@ One PPO step:
 
 1. Rollouts: `--rollouts` prompts (a seeded permutation of the prompt file, so a step's prompts
    depend only on --seed and the step) are sampled from the current policy with the same
-   in-process engine as simulation, at temperature 1, no top-k/top-p, up to --max-new-tokens.
+   in-process engine as simulation, at --temperature (1 in the spec), no top-k/top-p, up to
+   --max-new-tokens. A response that ended on an end-of-sequence token keeps the one sampled (a
+   model may have several). Every log-prob (old, new, reference) and the entropy are taken from
+   logits / --temperature: the distribution actually sampled, as in AlpacaFarm.
 2. Reward: each response is cut at the first "\\n\\nHuman:" and scored by the reward model as
    prompt + " " + cut response + "\\n\\nHuman:" (`reward.format_rm_input`); a response without the
    marker (or empty before it) gets -1 instead (with --accept-eos a response that ended with the
-   model's end-of-sequence token counts as ended). Scores are divided by their standard deviation
-   over the step's rollouts (the mean is kept). The score sits on the response's last real token;
+   model's end-of-sequence token counts as ended). The score sits on the response's last real token;
    every token also gets -beta * max(0, log pi - log pi_ref) (the KL penalty to the frozen reference).
+   --reward-scaling shaped (the default) then rescales these per-token rewards to unit standard
+   deviation over all response tokens of the step, around their unchanged mean: AlpacaFarm's whiten_rewards,
+   which the original RLCD kept, so the paper's beta of 0.002-0.004 was tuned under this scaling.
+   `scores` divides only the scores by their std before shaping (this package's earlier default);
+   `none` scales nothing.
 3. Advantages: GAE (gamma = lambda = 1 by default) with the value model's estimates, whitened.
 4. Updates: --epochs passes over the rollouts in minibatches of --minibatch-size (gradient
    accumulation over --micro-batch-size rows), clipped policy loss + --vf-coef * clipped value loss,
@@ -82,11 +89,13 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, advantages + values
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over the real tokens (zero on padding); shift_mean=False adds the mean back (scale only)."""
     n = mask.sum()
     mean = (x * mask).sum() / n
     var = (((x - mean) * mask) ** 2).sum() / n
-    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    return (whitened if shift_mean else whitened + mean) * mask
 
 
 def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, mask, clip: float, clip_value: float):
@@ -219,11 +228,14 @@ def gather_positions(hidden: torch.Tensor, batch: dict) -> torch.Tensor:
     return torch.gather(hidden, 1, index.view(*index.shape, *([1] * (hidden.dim() - 2))).expand(-1, -1, *hidden.shape[2:]))
 
 
-def response_logits(model, batch: dict) -> torch.Tensor:
-    """Logits [b, R, V] that predict each response token (the vocabulary projection only where needed)."""
+def response_logits(model, batch: dict, temperature: float) -> torch.Tensor:
+    """Logits [b, R, V] that predict each response token (the vocabulary projection only where needed).
+
+    Divided by the sampling temperature, so their log-softmax is the distribution the rollouts were drawn from.
+    """
     hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  position_ids=batch["position_ids"], use_cache=False).last_hidden_state
-    return model.get_output_embeddings()(gather_positions(hidden, batch)).float()
+    return model.get_output_embeddings()(gather_positions(hidden, batch)).float() / temperature
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -251,7 +263,6 @@ class PPO:
         self.comm_device = device if device.startswith("cuda") else "cpu"  # nccl reduces GPU tensors, gloo CPU ones
         self.policy, self.reference, self.value, self.rm, self.tokenizer, self.rm_tokenizer = build_models(args, device)
         self.pad_id = self.tokenizer.pad_token_id
-        self.eos_id = self.tokenizer.eos_token_id
         self.engine = make_rollout_engine(args.engine, self.policy, self.tokenizer, args.generation_batch_size)
         params = [p for m in (self.policy, self.value) for p in m.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
@@ -298,7 +309,11 @@ class PPO:
         t1 = time.time()
         rows, texts, scored = [], [], []
         for k, (index, prompt, prompt_ids), c in zip(positions, chosen, completions):
-            response_ids = list(c.token_ids) + ([self.eos_id] if c.finish_reason == "eos" else [])
+            # the end-of-sequence token the engine sampled, not tokenizer.eos_token_id: the engine stops on any of
+            # the generation config's end ids (Qwen has two), and the last log-prob must be of the sampled token
+            if c.finish_reason == "eos" and c.eos_token_id is None:
+                raise RuntimeError(f"rollout engine {type(self.engine).__name__} did not say which end-of-sequence token it sampled")
+            response_ids = list(c.token_ids) + ([c.eos_token_id] if c.finish_reason == "eos" else [])
             rows.append({"k": k, "index": index, "prompt_ids": prompt_ids, "response_ids": response_ids,
                          "score": float(a.missing_marker_reward), "ended": False})
             cut = end_of_response(c.text, c.finish_reason == "eos", a.accept_eos)
@@ -314,13 +329,13 @@ class PPO:
             part = rows[start : start + a.forward_batch_size]
             batch = collate(part, self.pad_id, self.device)
             with self.autocast:
-                logits = response_logits(self.policy, batch)
+                logits = response_logits(self.policy, batch, a.temperature)
                 logprobs = token_logprobs(logits, batch["response_ids"])
                 entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
                 del logits
                 with self.reference_context():
                     reference = self.policy if self.reference is None else self.reference
-                    ref = token_logprobs(response_logits(reference, batch), batch["response_ids"])
+                    ref = token_logprobs(response_logits(reference, batch, a.temperature), batch["response_ids"])
                 values = response_values(self.value, batch)
             for k, r in enumerate(part):
                 n = len(r["response_ids"])
@@ -335,7 +350,7 @@ class PPO:
             rows = sorted((r for shard in shards for r in shard), key=lambda r: r["k"])
         scores = torch.tensor([r["score"] for r in rows], dtype=torch.float32)
         raw = scores.clone()
-        if a.scale_rewards and len(scores) > 1 and scores.std() > 1e-6:
+        if a.reward_scaling == "scores" and len(scores) > 1 and scores.std() > 1e-6:
             scores = scores / scores.std()
 
         # rewards, advantages and returns over the whole rollout batch (advantages whitened over all of it)
@@ -344,6 +359,8 @@ class PPO:
         logprobs, ref = pad_rows(rows, "logprobs", width, "cpu"), pad_rows(rows, "ref_logprobs", width, "cpu")
         values = pad_rows(rows, "values", width, "cpu")
         rewards, kl = shape_rewards(scores, logprobs, ref, mask, self.kl.value)
+        if a.reward_scaling == "shaped":  # AlpacaFarm's whiten_rewards: unit std over all response tokens, mean kept
+            rewards = whiten(rewards, mask, shift_mean=False)
         advantages, returns = gae(rewards, values, mask, a.gamma, a.lam)
         advantages = whiten(advantages, mask)
         for k, r in enumerate(rows):
@@ -357,6 +374,7 @@ class PPO:
             "score_std": float(raw.std()) if len(rows) > 1 else 0.0,
             "kl": float(kl_per_sequence.mean()),
             "kl_coef": self.kl.value,
+            "reward_scaling": a.reward_scaling,
             "entropy": sum(r["entropy"] for r in rows) / len(rows),
             "response_length": float(mask.sum(1).mean()),
             "missing_marker_frac": 1 - sum(r["ended"] for r in rows) / len(rows),
@@ -385,7 +403,7 @@ class PPO:
                     width = batch["width_r"]
                     mask = batch["mask"]
                     with self.autocast:
-                        logprobs = token_logprobs(response_logits(self.policy, batch), batch["response_ids"])
+                        logprobs = token_logprobs(response_logits(self.policy, batch, a.temperature), batch["response_ids"])
                         values = response_values(self.value, batch)
                     pg, vf, clipped = ppo_losses(
                         logprobs, pad_rows(part, "logprobs", width, self.device), pad_rows(part, "advantages", width, self.device),
@@ -687,12 +705,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lam", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=positive_int, default=300)
     p.add_argument("--max-prompt-tokens", type=positive_int, default=192, help="prompts longer than this are skipped (counted)")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (log-probs and KL are of this tempered distribution)")
     p.add_argument("--missing-marker-reward", type=float, default=-1.0, help="reward of a response that never reaches the end marker")
     p.add_argument("--accept-eos", action="store_true", help="a response ended by the model's EOS token counts as ended (instruct models)")
     p.add_argument("--no-stop-at-marker", dest="stop_at_marker", action="store_false",
                    help="keep sampling after the end marker until EOS or the token limit (the original); by default rollouts stop there")
-    p.add_argument("--no-scale-rewards", dest="scale_rewards", action="store_false", help="do not divide scores by their std")
+    scaling = p.add_mutually_exclusive_group()
+    scaling.add_argument("--reward-scaling", choices=["shaped", "scores", "none"], default="shaped",
+                         help="shaped (default): rescale the per-token rewards (KL penalty included) to unit std over the step's "
+                              "response tokens, keeping their mean, as AlpacaFarm does: the scaling the paper's --kl 0.002-0.004 "
+                              "was tuned under; scores: divide only the reward-model scores by their std before shaping "
+                              "(the earlier default); none: no scaling")
+    scaling.add_argument("--no-scale-rewards", dest="reward_scaling", action="store_const", const="none",
+                         help="same as --reward-scaling none (older flag)")
     p.add_argument("--lora", action="store_true", help="LoRA adapters for policy and value (reference = adapters off)")
     p.add_argument("--lora-r", type=positive_int, default=16)
     p.add_argument("--lora-alpha", type=positive_int, default=32)
