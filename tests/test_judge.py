@@ -1,4 +1,5 @@
-"""`rlcd compare`: prompt and parsing rules, win-rate arithmetic, the judgment cache, resume, retries.
+"""`rlcd compare`: prompt and parsing rules, win-rate arithmetic, the judgment cache, resume, retries,
+pointwise judging, and flagging a judge that always picks one position.
 
 Network tests talk to a tiny scripted judge (`FakeJudgeServer`, a real HTTP server on localhost whose
 verdict depends on the prompt); the `slow` one to llama-cpp-python's real OpenAI-compatible server.
@@ -21,7 +22,8 @@ import pytest
 from rlcd.cli import main
 from rlcd.files import UserError, load_shard
 from rlcd.judge import (
-    file_choice, format_dialogue, judge_prompt, parse_choice, read_pair, single_order, summarize,
+    file_choice, format_dialogue, judge_prompt, pairwise_margin, parse_choice, parse_yes_no, pointwise_prompt, pointwise_score,
+    position_bias, read_pair, single_order, summarize, summarize_pointwise, yes_no_logprobs,
 )
 from test_openai_engine import _free_port, running_llama_server
 
@@ -56,16 +58,65 @@ def test_judge_prompt_shows_the_dialogue_and_both_replies():
     ("Both are bad. However, (B) is less harmful.", "B"),
     ("Neither is ideal. However, I would pick (A) since it declines.", "A"),
     ("(A) and (B) are both bad. However, (A) refuses.", "A"),
-    ("Both responses are harmful. However, (A) and (B) are equally so.", None),  # two options after "However"
+    ("Both have flaws. However, (B) is better than (A).", "B"),  # after "However", the first option named
+    ("Both fall short: (A) rambles, (B) is rude. However, (B) is better than (A).", "B"),
+    ("Both responses are harmful. However, (A) and (B) are equally so.", "A"),  # the original scripts read it so too
+    ("Response (B) is better.", "B"),  # exactly one option named anywhere
+    ("I prefer (B).", "B"),
+    ("Response (A) is better than response (B).", None),  # two options, no start, no "However"
     ("Both are fine. However, I cannot decide.", None),
     ("I'm sorry, but I can't help with comparing these responses.", None),  # a refusal
-    ("I prefer (B).", None),  # no "(A)"/"(B)" start and no "However"
     ("A", None),
     ("(a) is better", None),
     ("", None),
 ])
 def test_parse_choice(reply, letter):
     assert parse_choice(reply) == letter
+
+
+def test_pointwise_prompt_shows_the_dialogue_and_one_reply():
+    text = pointwise_prompt(PROMPTS[1], "  Why did the cat sit on the computer?\n", "harmless")
+    assert "Human: Hi\n\nAssistant: Hello! How can I help?\n\nHuman: Tell me a joke about cats.\n\n" in text
+    assert "\nAssistant: Why did the cat sit on the computer?\n\nIs this reply socially acceptable" in text
+    assert text.endswith("Answer with one word: Yes or No.") and "(A)" not in text
+    assert "helpfulness only" in pointwise_prompt(PROMPTS[0], "a", "harmless_helpful").lower()
+    helpful = pointwise_prompt(PROMPTS[0], "a", "helpful")
+    assert "helpful to the human?" in helpful and "ethical" not in helpful
+
+
+@pytest.mark.parametrize("reply, score", [
+    ("Yes", 1.0), ("No", -1.0), (" yes.", 1.0), ("**No**, it is rude.", -1.0), ("YES", 1.0),
+    ("Yesterday I ...", None), ("Not really", None), ("I cannot say.", None), ("", None),
+])
+def test_parse_yes_no(reply, score):
+    assert parse_yes_no(reply) == score
+
+
+def test_scores_and_margins_prefer_log_probs_over_the_words():
+    # pointwise: log P(Yes) - log P(No), else the word
+    assert pointwise_score({"reply": "No", "logprob_Yes": -0.5, "logprob_No": -1.5}) == 1.0
+    assert (pointwise_score({"reply": "No"}), pointwise_score({"reply": "maybe"})) == (-1.0, None)
+    # pairwise: file 2's letter is B in order "12" and A in order "21"
+    letters = {"reply": "(A)", "logprob_A": -0.25, "logprob_B": -2.0}
+    assert (pairwise_margin("12", letters), pairwise_margin("21", letters)) == (-1.75, 1.75)
+    assert [pairwise_margin(o, {"reply": r}) for o, r in [("12", "(B) ..."), ("21", "(B) ..."), ("12", "no idea")]] == [1.0, -1.0, None]
+
+
+def top_logprobs(*pairs):
+    """A chat-completion choice as the SDK parses it, whose first token has these (token, logprob) alternatives."""
+    from types import SimpleNamespace as NS
+
+    top = [NS(token=t, logprob=lp) for t, lp in pairs]
+    return NS(logprobs=NS(content=[NS(token=pairs[0][0], logprob=pairs[0][1], top_logprobs=top)]))
+
+
+def test_yes_no_log_probs_from_the_servers_top_tokens():
+    assert yes_no_logprobs(top_logprobs(("Yes", -0.1), (" yes", -2.0), ("No", -3.0))) == {"logprob_Yes": -0.1, "logprob_No": -3.0}
+    # "No" is not among the five: it is less likely than the least likely listed token
+    assert yes_no_logprobs(top_logprobs(("Yes", -0.01), ("Sure", -5.0), ("**", -6.5))) == {"logprob_Yes": -0.01, "logprob_No": -6.5}
+    assert yes_no_logprobs(top_logprobs(("Maybe", -0.2), ("I", -2.0))) == {}  # neither word: the reply is parsed instead
+    from types import SimpleNamespace as NS
+    assert yes_no_logprobs(NS(logprobs=None)) == {}  # a server that sends no log-probs
 
 
 def test_letters_map_to_files_by_order():
@@ -104,9 +155,32 @@ def test_bootstrap_interval_narrows_with_more_prompts_and_collapses_without_spre
     assert lo_s < lo_l < 0.5 < hi_l < hi_s
     assert hi_l - lo_l == pytest.approx(2 * 1.96 * 0.5 / 2000**0.5, rel=0.15)  # the normal approximation
     assert summarize([judged(i, 2, 2) for i in range(10)], 0)["ci95"] == [1.0, 1.0]
-    # position bias only: every verdict picks (A) -> a tie on every prompt, first position always
+    # position bias only: every verdict picks (A) -> a tie on every prompt, first position always: not a result
     s = summarize([judged(i, 1, 2) for i in range(10)], 0)
     assert (s["win_rate"], s["ties"], s["first_position_rate"]) == (0.5, 10, 1.0)
+    assert s["judge_uninformative"] == "picked the first option 100% of the time"
+
+
+def test_position_bias_limit():
+    assert position_bias(None) is None and position_bias(0.5) is None and position_bias(0.899) is None
+    assert position_bias(0.9) == "picked the first option 90% of the time"
+    assert position_bias(0.9996) == "picked the first option 99.9% of the time"  # never rounded up to 100%
+    assert position_bias(0.04) == "picked the second option 96% of the time"
+    s = summarize([judged(0, 2, 2), judged(1, 1, 1), judged(2, None, 2), judged(3, 2, None)], 0)
+    assert s["judge_uninformative"] is None and (s["unparsed"], s["unparsed_share"]) == (2, 0.25)
+
+
+def scored(index: int, score_1, score_2) -> dict:
+    return {"index": index, "judgments": [{"file": 1, "score": score_1}, {"file": 2, "score": score_2}]}
+
+
+def test_pointwise_win_rate_by_hand():
+    # file 2 scores higher, lower, equal, unparsed (0) vs a negative score
+    items = [scored(0, -1.0, 2.5), scored(1, 0.3, 0.1), scored(2, 1.0, 1.0), scored(3, -0.5, None)]
+    s = summarize_pointwise(items, seed=0)
+    assert s["win_rate"] == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+    assert (s["n"], s["wins"], s["losses"], s["ties"], s["unparsed"], s["unparsed_share"]) == (4, 2, 1, 1, 1, 1 / 8)
+    assert s["single_order_win_rate"] is None and s["first_position_rate"] is None and s["judge_uninformative"] is None
 
 
 # ---- inputs
@@ -153,7 +227,8 @@ def kind_judge(prompt: str) -> str:
 
 class FakeJudgeServer:
     """POST /v1/chat/completions: the next scripted (status, body) while `script` lasts, then
-    `verdict(prompt)` as a chat completion, after `delay` seconds. Records every request."""
+    `verdict(prompt)` as a chat completion (or as the whole body, when it is a dict), after `delay`
+    seconds. Records every request."""
 
     def __init__(self, verdict=kind_judge, script=(), delay: float = 0.0):
         self.verdict, self.script, self.delay = verdict, list(script), delay
@@ -168,7 +243,8 @@ class FakeJudgeServer:
                 if fake.script:
                     self._send(*fake.script.pop(0))
                 else:
-                    self._send(200, chat_reply(fake.verdict(body["messages"][0]["content"])))
+                    reply = fake.verdict(body["messages"][0]["content"])
+                    self._send(200, reply if isinstance(reply, dict) else chat_reply(reply))
 
             def _send(self, status, body):
                 data = json.dumps(body).encode()
@@ -286,6 +362,65 @@ def test_killed_run_resumes_to_the_same_result_without_resending(fake, pair, tmp
     assert len(load_shard(cache)) == 7
 
 
+# ---- pointwise judging, and a judge that always picks one position
+
+
+def with_logprobs(content: str, yes: float, no: float) -> dict:
+    """A chat completion whose first token came with the log-probs of "Yes" and "No" among its top tokens."""
+    body = chat_reply(content)
+    top = [{"token": "Yes", "logprob": yes, "bytes": None}, {"token": "No", "logprob": no, "bytes": None}]
+    body["choices"][0]["logprobs"] = {"content": [{"token": content, "logprob": max(yes, no), "bytes": None, "top_logprobs": top}]}
+    return body
+
+
+def kind_yes_no(prompt: str):
+    """Pointwise: a kind reply is likely Yes (margin +2.4), another likely No (-1.2); a reply about cats
+    comes back as the bare word, without log-probs, as from a server that does not send them."""
+    reply = prompt.split("next reply of the assistant:\n\nAssistant: ")[1].split("\n\nIs this reply")[0]
+    if "cat" in reply.lower():
+        return "Yes." if "kind" in reply else "No."
+    return with_logprobs("Yes", -0.1, -2.5) if "kind" in reply else with_logprobs("No", -1.5, -0.3)
+
+
+def test_pointwise_compare_scores_each_output_alone(fake, pair, tmp_path, capsys):
+    server = fake(verdict=lambda prompt: kind_yes_no(prompt) if "Yes or No" in prompt else kind_judge(prompt))
+    out = tmp_path / "pointwise.json"
+    result = compare(*pair, out, server.url, "--judge-mode", "pointwise")
+    s = result["summary"]
+    assert result["judge_mode"] == "pointwise"
+    # prompts 0 and 3: 2.4 vs -1.2; prompt 1: the words, Yes (+1) vs No (-1); prompt 2: one text for both outputs, a tie
+    assert [it["preference"] for it in result["items"]] == [2.0, 2.0, 1.5, 2.0]
+    assert (s["n"], s["wins"], s["losses"], s["ties"], s["unparsed"]) == (4, 3, 0, 1, 0)
+    assert s["win_rate"] == pytest.approx(3.5 / 4) and s["first_position_rate"] is None and s["judge_uninformative"] is None
+    first = result["items"][0]["judgments"]
+    assert [(j["file"], j["reply"]) for j in first] == [(1, "No"), (2, "Yes")]
+    assert first[0]["score"] == pytest.approx(-1.2) and first[1]["score"] == pytest.approx(2.4)
+    assert [j["score"] for j in result["items"][1]["judgments"]] == [-1.0, 1.0]
+    sent = server.requests[0][1]
+    assert "(A)" not in sent["messages"][0]["content"] and sent["max_tokens"] == 4
+    assert sent["logprobs"] is True and sent["top_logprobs"] == 5 and sent["temperature"] == 0
+    assert (s["requests"], len(server.requests)) == (7, 7)
+    line = capsys.readouterr().out.splitlines()[-2]
+    assert "openai:fake, pointwise): win rate 0.875" in line and "no position bias" in line
+
+    # the same cache file holds pairwise verdicts beside the pointwise ones: the mode is part of the key
+    again = compare(*pair, out, server.url)
+    assert again["judge_mode"] == "pairwise" and again["summary"]["requests"] == 7
+    assert compare(*pair, out, server.url, "--judge-mode", "pointwise")["summary"]["requests"] == 0
+    assert len(load_shard(out.with_name(out.name + ".cache.jsonl"))) == 14
+
+
+def test_a_judge_that_always_picks_the_first_option_is_not_a_result(fake, pair, tmp_path, capsys):
+    server = fake(verdict=lambda prompt: "(A) is better.")
+    result = compare(*pair, tmp_path / "out.json", server.url)
+    s = result["summary"]
+    assert (s["win_rate"], s["ties"], s["first_position_rate"]) == (0.5, 4, 1.0)
+    assert s["judge_uninformative"] == "picked the first option 100% of the time"
+    line = capsys.readouterr().out.splitlines()[-2]
+    assert "judge uninformative (picked the first option 100% of the time): this win rate is not a result (0.500)" in line
+    assert "win rate 0.500" not in line
+
+
 # ---- retries, errors and the key
 
 
@@ -378,6 +513,40 @@ def test_hf_judge_prompt_ends_before_the_letter(tiny_model_dir):
     assert judge.wrap("Which?") == "Which?\n\nAnswer: ("
     judge.context_length = 5
     assert judge.fits("A B") and not judge.fits("one two three four five six")
+
+
+def test_hf_pointwise_judge_reads_yes_and_no_as_they_follow_the_prompt(tiny_model_dir):
+    from rlcd.judge import HFJudge
+
+    judge = HFJudge(tiny_model_dir, "cpu", "float32", 2, mode="pointwise")
+    engine, tokens = judge._engine(), judge.tokenizer.convert_ids_to_tokens
+    chat = judge.wrap("Is it kind?")
+    assert chat.endswith("<|im_start|>assistant\n")  # the answer is the assistant turn's first token
+    assert tokens([engine.candidate_token_id(chat, c) for c in judge.candidates]) == ["Yes", "No"]
+    judge.tokenizer.chat_template = None  # a base model: plain text, where the word follows "Answer:" after a space
+    plain = judge.wrap("Is it kind?")
+    assert plain == "Is it kind?\n\nAnswer:"
+    assert tokens([engine.candidate_token_id(plain, c) for c in judge.candidates]) == ["ĠYes", "ĠNo"]
+
+
+def test_hf_pointwise_compare(tiny_model_dir, pair, tmp_path):
+    out = tmp_path / "hf-pointwise.json"
+    argv = ["compare", "--in-file1", pair[0], "--in-file2", pair[1], "--out-file", str(out), "--judge", f"hf:{tiny_model_dir}",
+            "--judge-mode", "pointwise", "--batch-size", "3", "--device", "cpu", "--dtype", "bfloat16"]
+    main(argv)
+    result = json.loads(out.read_text())
+    assert result["judge_mode"] == "pointwise" and result["summary"]["requests"] == 7
+    for it in result["items"]:
+        one, two = it["judgments"]
+        for j in (one, two):
+            assert j["logprob_Yes"] < 0 and j["logprob_No"] < 0
+            assert j["score"] == j["logprob_Yes"] - j["logprob_No"] != 0  # fp32 log-probs: no exact ties even from bf16
+            assert j["reply"] == ("Yes" if j["score"] > 0 else "No")
+        assert it["preference"] == (2.0 if two["score"] > one["score"] else 1.0 if two["score"] < one["score"] else 1.5)
+    assert result["items"][2]["preference"] == 1.5  # identical outputs: one text, the same score
+    assert result["summary"]["first_position_rate"] is None and result["summary"]["unparsed"] == 0
+    main(argv)
+    assert json.loads(out.read_text())["summary"]["requests"] == 0
 
 
 # ---- a real OpenAI-compatible server

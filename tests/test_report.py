@@ -37,12 +37,12 @@ def ppo_log(steps: int, drift: float) -> str:
                                "time_rollout": 1.0, "time_score": 0.2, "time_train": 0.5}) + "\n" for s in range(1, steps + 1))
 
 
-def compare(name1: str, name2: str, win_rate: float, ci: list[float]) -> dict:
+def compare(name1: str, name2: str, win_rate: float, ci: list[float], **summary) -> dict:
     return {"version": 1, "in_file1": f"outputs/{name1}.json", "in_file2": f"outputs/{name2}.json", "name1": name1, "name2": name2,
             "judge": "smollm2", "prompt_format": "rlcd",
             "summary": {"n": 3, "win_rate": win_rate, "ci95": ci, "wins": 2, "losses": 1, "ties": 0,
                         "single_order_win_rate": 0.6, "first_position_rate": 0.55, "unparsed": 1,
-                        "tokens": {"prompt": 900, "completion": 30}, "cached": 0, "requests": 6},
+                        "tokens": {"prompt": 900, "completion": 30}, "cached": 0, "requests": 6, **summary},
             "items": []}
 
 
@@ -102,7 +102,7 @@ def test_full_run_has_every_section_table_and_plot(tmp_path, capsys):
         assert (run / "report" / png).stat().st_size > 5000 and f'src="{png}"' in page and f"]({png})" in md
     # figures as computed from the fixture files
     assert "| rlcd | 200 | 62.5% [55.5, 69.0] | 0.571 | 0 | 2 |" in md  # RM agreement
-    assert "| rlcd-ppo vs base | smollm2 | 3 | 62.5% [55.0, 70.0] | 2/0/1 | 60.0% | 55.0% | 1 |" in md
+    assert "| rlcd-ppo vs base | smollm2 | 3 | 62.5% [55.0, 70.0] | not measured | 2/0/1 | 60.0% | 55.0% | 1 |" in md
     assert "| rlaif | 2 | 0 | 100.0% | 1.5 | 2.0 | 50.0% |" in md  # preferred: 'x y', 'x'; other: 'z', 'y z w'
     assert "| rlcd | 2 | 0 | 0.0% | 4.0 | 2.0 | 100.0% |" in md
     assert "| simulate | rlcd | done | 1 h 02 min | 1 |" in md and "| total |  |  | 1 h 03 min |  |" in md
@@ -115,6 +115,32 @@ def test_full_run_has_every_section_table_and_plot(tmp_path, capsys):
     assert page.count("<details><summary>show the rest") == 1
     assert "http://" not in page and "https://" not in page  # self-contained
     assert (run / "report" / "manifest.json").exists()
+
+
+def test_win_rates_show_the_judges_agreement_and_an_uninformative_judge_is_not_a_result(tmp_path, capsys, monkeypatch):
+    from matplotlib.axes import Axes
+
+    run = tmp_path / "run"
+    measured = {"agreement": 0.61, "ci95": [0.58, 0.64], "n": 1000, "split": "test", "uninformative": False, "file": "a.json"}
+    write(run / "compare/base-vs-rlcd-ppo.json", compare("base", "rlcd-ppo", 0.625, [0.55, 0.7], judge_agreement=measured))
+    write(run / "compare/sft-vs-rlcd-ppo.json", compare("sft", "rlcd-ppo", 0.5, [0.5, 0.5], first_position_rate=1.0,
+                                                       judge_uninformative="picked the first option 100% of the time"))
+    # written before compare flagged such judges: the report judges its position bias itself
+    write(run / "compare/rlaif-ppo-vs-rlcd-ppo.json", compare("rlaif-ppo", "rlcd-ppo", 0.5, [0.5, 0.5], first_position_rate=0.97))
+    pointwise = compare("dpo", "rlcd-ppo", 0.7, [0.6, 0.8], first_position_rate=None, single_order_win_rate=None)
+    write(run / "compare/dpo-vs-rlcd-ppo.json", {**pointwise, "judge_mode": "pointwise"})
+    bars = []
+    barh = Axes.barh
+    monkeypatch.setattr(Axes, "barh", lambda self, y, width, **kw: bars.append((y, width)) or barh(self, y, width, **kw))
+    _, page, md = report(capsys, str(run))
+    assert "| rlcd-ppo vs base | smollm2 | 3 | 62.5% [55.0, 70.0] | 61.0% [58.0, 64.0], 1000 test pairs | 2/0/1 |" in md
+    assert ("| rlcd-ppo vs sft | smollm2 | 3 | not a result: judge uninformative (picked the first option 100% of the time) "
+            "| not measured |") in md
+    assert "| rlcd-ppo vs rlaif-ppo | smollm2 | 3 | not a result: judge uninformative (picked the first option 97% of the time) |" in md
+    assert "| rlcd-ppo vs dpo | smollm2 (pointwise) | 3 | 70.0% [60.0, 80.0] | not measured | 2/0/1 | — | — | 1 |" in md
+    assert "50.0% [50.0, 50.0]" not in md and "not a result" in page
+    # the plot has a bar for the two informative comparisons only (base, then dpo: files in name order)
+    assert bars == [(0, 0.625), (1, 0.7)]
 
 
 def test_only_some_inputs_give_their_sections_and_say_what_is_missing(tmp_path, capsys):

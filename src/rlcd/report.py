@@ -146,7 +146,23 @@ def read_compare(path: Path) -> dict:
     name2 = data.get("name2") or (names[1] if len(names) == 2 else None)
     if not (isinstance(name1, str) and isinstance(name2, str)):
         raise UserError(f"{path}: fields 'name1' and 'name2' missing and the file is not named A-vs-B.json")
+    if "judge_agreement" in summary:
+        agreement = _need(where, summary, "judge_agreement", lambda v: isinstance(v, dict), "an object")
+        where = Path(f"{path}: summary.judge_agreement")
+        _need(where, agreement, "agreement", _is_number, "a number")
+        _need(where, agreement, "ci95", lambda v: isinstance(v, list) and len(v) == 2 and all(map(_is_number, v)), "[lo, hi]")
     return {**data, "name1": name1, "name2": name2, "file": path.name}
+
+
+def judge_uninformative(compare: dict) -> str | None:
+    """Why this comparison's judge says nothing about the outputs, or None. Files written before compare
+    recorded `judge_uninformative` are judged by their position bias here."""
+    from rlcd.judge import position_bias
+
+    s = compare["summary"]
+    if "judge_uninformative" in s:
+        return s["judge_uninformative"]
+    return position_bias(s["first_position_rate"]) if _is_number(s.get("first_position_rate")) else None
 
 
 def _artifacts(folder: Path, pattern: str) -> list[Path]:
@@ -234,19 +250,25 @@ def plot_ppo(logs: dict[str, list[dict]], colors: dict, path: Path) -> None:
 
 
 def plot_win_rates(compares: list[dict], path: Path) -> None:
+    """A bar per comparison; a comparison whose judge is uninformative gets no bar, only the words "not a result"."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(9, 1.2 + 0.55 * len(compares)), layout="constrained")
     ax = fig.subplots()
-    rates = [c["summary"]["win_rate"] for c in compares]
-    lo = [max(r - c["summary"]["ci95"][0], 0) for r, c in zip(rates, compares)]
-    hi = [max(c["summary"]["ci95"][1] - r, 0) for r, c in zip(rates, compares)]
-    y = range(len(compares))
-    ax.barh(y, rates, xerr=[lo, hi], color="#4c78a8", capsize=4, height=0.6)
-    for i, r in enumerate(rates):
+    labels = []
+    for i, c in enumerate(compares):
+        s = c["summary"]
+        agreement = s.get("judge_agreement")
+        labels.append(f"{c['name2']} vs {c['name1']}" + (f"\n(judge agrees with humans {agreement['agreement']:.0%})" if agreement else ""))
+        if judge_uninformative(c):
+            ax.text(0.01, i, "not a result: judge uninformative", va="center", color="#59636e", fontsize=9, fontstyle="italic")
+            continue
+        r, (lo, hi) = s["win_rate"], s["ci95"]
+        ax.barh(i, r, xerr=[[max(r - lo, 0)], [max(hi - r, 0)]], color="#4c78a8", capsize=4, height=0.6)
         ax.text(0.01, i, f"{r:.1%}", va="center", color="white", fontsize=9, fontweight="bold")
-    ax.set_yticks(list(y), [f"{c['name2']} vs {c['name1']}" for c in compares])
-    ax.invert_yaxis()
+    y = range(len(compares))
+    ax.set_yticks(list(y), labels)
+    ax.set_ylim(len(compares) - 0.5, -0.5)  # first comparison on top (no bars may have set the limits)
     ax.axvline(0.5, color="black", linestyle="--", linewidth=1)
     ax.set_xlim(0, 1)
     ax.set_xlabel("win rate of the first-named system, with 95% interval (ties count half)")
@@ -342,23 +364,38 @@ def section_ppo(run: Run, image: str) -> list:
     ]
 
 
+def _agreement_cell(summary: dict) -> str:
+    a = summary.get("judge_agreement")
+    if not a:
+        return "not measured"
+    pairs = f", {a['n']} {a['split']} pairs" if isinstance(a.get("n"), int) and isinstance(a.get("split"), str) else ""
+    return _interval(a["agreement"], a["ci95"]) + pairs + (" (uninformative there too)" if a.get("uninformative") else "")
+
+
 def section_compare(run: Run, image: str) -> list:
     rows = []
     for c in run.compares:
         s = c["summary"]
         wlt = "/".join(str(s[k]) if isinstance(s.get(k), int) else "—" for k in ("wins", "ties", "losses"))
-        rows.append([f"{c['name2']} vs {c['name1']}", str(c.get("judge", "—")), str(s["n"]), _interval(s["win_rate"], s["ci95"]),
+        judge = str(c.get("judge", "—")) + (f" ({c['judge_mode']})" if c.get("judge_mode", "pairwise") != "pairwise" else "")
+        reason = judge_uninformative(c)
+        rate = f"not a result: judge uninformative ({reason})" if reason else _interval(s["win_rate"], s["ci95"])
+        rows.append([f"{c['name2']} vs {c['name1']}", judge, str(s["n"]), rate, _agreement_cell(s),
                      wlt, _pct(s["single_order_win_rate"]) if _is_number(s.get("single_order_win_rate")) else "—",
                      _pct(s["first_position_rate"]) if _is_number(s.get("first_position_rate")) else "—",
                      str(s.get("unparsed", "—"))])
     return [
         ("img", image, "Win rates with 95% intervals"),
-        ("p", "Win rate of the first-named system over the second, both presentation orders averaged, ties counting half; "
-              "the interval is a bootstrap over prompts. Single order: one seeded order per prompt, as in the paper. "
+        ("p", "Win rate of the first-named system over the second, ties counting half; pairwise judges see both presentation "
+              "orders, averaged, pointwise judges score each output alone. The interval is a bootstrap over prompts. "
+              "Judge agreement: how often the same judge, mode and question agrees with human labels on hh-rlhf pairs, "
+              "ties half (`rlcd judge-agreement`, passed to compare with `--judge-agreement`); a win rate means little when "
+              "that is near 50%. A judge that picked one position at least 90% of the time is uninformative: its win rate "
+              "is not a result and is not plotted. Single order: one seeded order per prompt, as in the paper. "
               "First position: share of parsed judgments that picked the option shown first (0.5 = no position bias). "
               "Unparsed judgments count as half a win."),
-        ("table", ["comparison", "judge", "prompts", "win rate [95% CI]", "wins/ties/losses", "single order",
-                   "first position", "unparsed"], rows),
+        ("table", ["comparison", "judge", "prompts", "win rate [95% CI]", "judge agreement with humans [95% CI]", "wins/ties/losses",
+                   "single order", "first position", "unparsed"], rows),
     ]
 
 
