@@ -163,3 +163,19 @@ def test_demo_runs_end_to_end_on_the_default_model(tmp_path, capsys, default_mod
     assert "rlcd-ppo" in html and "base" in html
     state = json.loads((tmp_path / "demo" / "pipeline.json").read_text())
     assert all(s["status"] == "done" for s in state["stages"])
+
+
+def test_a_missing_package_is_one_line_naming_what_to_install(monkeypatch, capsys):
+    from rlcd import cli
+
+    def run(args):
+        raise ModuleNotFoundError("No module named 'tensorboard'", name="tensorboard")
+
+    monkeypatch.setattr("rlcd.report.run", run)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["report", "somewhere"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1
+    assert "tensorboard" in err and "pip install 'rlcd[tensorboard]'" in err
+    assert "No module named" not in cli.missing_module_message(ModuleNotFoundError(name="datasets.arrow"))
+    assert "'datasets'" in cli.missing_module_message(ModuleNotFoundError(name="datasets.arrow"))

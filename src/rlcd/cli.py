@@ -31,9 +31,26 @@ STAGES = {
     "ppo": ("rlcd.ppo", "align a policy with PPO against a reward model"),
     "report": ("rlcd.report", "Markdown + HTML report with plots of a run directory"),
     "compare": ("rlcd.judge", "pairwise LLM judge of two outputs files: win rate, both orders, cached"),
+    "refusals": ("rlcd.refusal", "refusal rate on unsafe and over-refusal rate on safe requests of outputs on the refusal probe"),
+    "judge-agreement": ("rlcd.judge", "agreement of an LLM judge with human labels (hh-rlhf pairs), cached"),
     "pipeline": ("rlcd.pipeline", "run the whole study from one config (--config run.yaml), resumable"),
     "demo": ("rlcd.pipeline", "the whole chain on the embedded default model on CPU, small; ends with the report's path"),
 }
+
+
+OPTIONAL = {  # module a stage may import -> how to install it
+    "tensorboard": "pip install 'rlcd[tensorboard]'",
+    "wandb": "pip install wandb",
+    "llama_cpp": "pip install 'llama-cpp-python[server]'",
+}
+
+
+def missing_module_message(e: ModuleNotFoundError) -> str:
+    """One line for a package that is not installed: the optional ones name their extra, the rest a re-install."""
+    name = (e.name or "").split(".")[0]
+    if name in OPTIONAL:
+        return f"this needs the optional package '{name}': {OPTIONAL[name]}"
+    return f"the package '{name}' is missing from this environment: pip install -e . (or pip install rlcd) installs what rlcd needs"
 
 
 class Parser(argparse.ArgumentParser):
@@ -102,6 +119,9 @@ def main(argv: list[str] | None = None) -> None:
         importlib.import_module(args._module).run(args)
     except UserError as e:
         print(f"rlcd {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except ModuleNotFoundError as e:
+        print(f"rlcd {args.command}: error: {missing_module_message(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"rlcd {args.command}: interrupted; finished work is saved, run the same command again to resume", file=sys.stderr)
