@@ -25,9 +25,14 @@ def cache_dir() -> Path:
 
 
 def resolve_model(name: str) -> str:
-    """Return a path or hub id that `from_pretrained` can load; converts the embedded default on first use."""
+    """Return a path or hub id that `from_pretrained` can load; converts the embedded default, or a
+    GGUF file given by path, on first use."""
     if name in _EMBEDDED:
         return str(_convert_embedded(name))
+    if name.endswith(".gguf"):
+        if not Path(name).is_file():
+            raise UserError(f"--model {name}: no such GGUF file")
+        return str(convert_gguf(Path(name), Path(name).name.removesuffix(".gguf")))
     if Path(name).exists():
         if not (Path(name) / "config.json").exists():
             raise UserError(f"{name}: not a Hugging Face model directory (no config.json)")
@@ -52,7 +57,11 @@ def _gguf_path(package: str, filename: str) -> Path:
 
 def _convert_embedded(name: str) -> Path:
     package, filename, label = _EMBEDDED[name]
-    gguf = _gguf_path(package, filename)
+    return convert_gguf(_gguf_path(package, filename), label)
+
+
+def convert_gguf(gguf: Path, label: str) -> Path:
+    """A GGUF file as a plain fp32 Hugging Face checkpoint in the cache, converted once (keyed by size and mtime)."""
     digest = hashlib.sha256(f"{gguf.stat().st_size}:{gguf.stat().st_mtime_ns}".encode()).hexdigest()[:12]
     out = cache_dir() / "models" / f"{label}-{digest}"
     if (out / "config.json").exists():
