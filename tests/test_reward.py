@@ -231,6 +231,23 @@ def test_agreement_counts_ties_as_wrong():
     assert result["mean_prob"] == pytest.approx(expected_prob)
 
 
+def test_length_controls_separate_length_from_what_else_was_learned():
+    prompt = "Human: hi\n\nAssistant:"
+    pairs = [(format_rm_input(prompt, c), format_rm_input(prompt, r)) for c, r in [
+        ("a much longer kind reply", "short"),  # chosen longer, not matched
+        ("brief no", "a long rude reply here"),  # chosen shorter, not matched
+        ("ten chars.", "nine char"),  # matched (9/10), chosen longer
+        ("nine char", "ten chars."),  # matched, chosen shorter
+    ]]
+    # a model that only prefers length: right on pairs 0 and 2, wrong on 1 and 3
+    scores_c, scores_r = [24.0, 8.0, 10.0, 9.0], [5.0, 22.0, 9.0, 10.0]
+    out = reward.length_controls(pairs, scores_c, scores_r)
+    assert out["length_only"] == 0.5 and out["chosen_longer_share"] == 0.5
+    assert out["length_matched_pairs"] == 2
+    assert out["length_matched"]["accuracy"] == 0.5 and out["length_matched"]["length_only"] == 0.5
+    assert reward.response_of(pairs[1][0]) == "brief no"
+
+
 def test_bootstrap_interval_contains_the_point_estimate_and_is_seeded():
     rng = random.Random(0)
     chosen = [rng.gauss(0.3, 1) for _ in range(300)]

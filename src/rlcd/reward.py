@@ -150,6 +150,32 @@ def agreement(chosen_scores: list[float], rejected_scores: list[float], seed: in
     }
 
 
+LENGTH_MATCH = 0.8
+"""Pairs whose shorter final response has at least this share of the longer one's characters ("within 20%
+of each other") form the length-matched subset: there a reward model cannot agree by length alone."""
+
+
+def response_of(rm_text: str) -> str:
+    """The final response inside a reward-model input (`format_rm_input`)."""
+    return rm_text.removesuffix(dialogue.END_MARKER)[rm_text.rfind("Assistant:") + len("Assistant:") :].strip()
+
+
+def length_controls(pairs: list[tuple[str, str]], chosen_scores: list[float], rejected_scores: list[float], seed: int = 0) -> dict:
+    """What a reward model learned beyond length: the agreement of a length-only rule (the longer final
+    response wins, equal lengths count as wrong, like ties), and the model's agreement on the
+    length-matched pairs alone."""
+    lengths = [(len(response_of(c)), len(response_of(r))) for c, r in pairs]
+    longer = [float(a > b) for a, b in lengths]
+    matched = [i for i, (a, b) in enumerate(lengths) if max(a, b) and min(a, b) / max(a, b) >= LENGTH_MATCH]
+    out = {"length_only": agreement(longer, [0.5] * len(longer), seed=seed)["accuracy"],
+           "chosen_longer_share": sum(longer) / len(longer), "length_matched_pairs": len(matched)}
+    if matched:
+        sub = agreement([chosen_scores[i] for i in matched], [rejected_scores[i] for i in matched], seed=seed)
+        out["length_matched"] = {k: sub[k] for k in ("accuracy", "accuracy_ci95", "mean_prob", "ties")}
+        out["length_matched"]["length_only"] = sum(longer[i] for i in matched) / len(matched)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------
@@ -582,11 +608,13 @@ def evaluate_reward_model(args: argparse.Namespace) -> dict:
     model, tokenizer = load_reward_model(args.model_path, dtype=args.dtype)
     t0 = time.time()
     scores = score_texts(model, tokenizer, [c for c, _ in pairs] + [r for _, r in pairs], args.batch_size, args.max_length, progress=True)
-    result = agreement(scores[: len(pairs)], scores[len(pairs) :], seed=args.seed)
+    chosen, rejected = scores[: len(pairs)], scores[len(pairs) :]
+    result = agreement(chosen, rejected, seed=args.seed)
     return {
         "model_path": args.model_path,
         "data_path": str(args.data_path),
         **result,
+        **length_controls(pairs, chosen, rejected, seed=args.seed),
         "skipped": dict(skipped),
         "seconds": round(time.time() - t0, 1),
     }
@@ -605,8 +633,13 @@ def run_eval(args: argparse.Namespace) -> None:
         print(json.dumps(result))
     else:
         lo, hi = result["accuracy_ci95"]
+        matched = result.get("length_matched")
         print(f"{result['pairs']} pairs: accuracy {result['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}, ties {result['ties']} counted wrong), "
-              f"mean P(chosen) {result['mean_prob']:.3f}; skipped lines {result['skipped'] or 0}")
+              f"mean P(chosen) {result['mean_prob']:.3f}; length-only rule {result['length_only']:.3f}; "
+              + (f"{result['length_matched_pairs']} length-matched pairs: accuracy {matched['accuracy']:.3f} "
+                 f"(95% CI {matched['accuracy_ci95'][0]:.3f}-{matched['accuracy_ci95'][1]:.3f}, length-only {matched['length_only']:.3f}); "
+                 if matched else "no length-matched pairs; ")
+              + f"skipped lines {result['skipped'] or 0}")
     if args.out_file:
         print(args.out_file)
 
