@@ -4,7 +4,7 @@ Baseline ("original approach"): plain `model.generate` on batches of 16 samples 
 from a queue, temperature 1, top-k 50, banned strings as bad_words_ids, every batch
 running until all its rows end (EOS) or max_new_tokens; rejected samples go back to
 the end of the queue, up to 5 attempts per output — the loop of the original
-simulate script, written here from the method spec. Ours: the `Simulation` loop with
+simulate script, written here from docs/method.md §4. Ours: the `Simulation` loop with
 the in-process engine (stop at the next Human turn, finished rows leave the batch).
 Same model, prompts, filter and sampling settings.
 

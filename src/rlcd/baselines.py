@@ -1,14 +1,14 @@
-"""Baselines through TRL: `rlcd sft` (context distillation, method spec §7), `rlcd dpo` and `rlcd rloo`.
+"""Baselines through TRL: `rlcd sft` (context distillation, docs/method.md §7), `rlcd dpo` and `rlcd rloo`.
 
 sft   SFT on the preferred output of every row of a preference table: the loss covers the target
-      only (TRL prompt-completion dataset). Spec: source = prompt + " ", target = response +
+      only (TRL prompt-completion dataset). docs/method.md §7: source = prompt + " ", target = response +
       "\\n\\nHuman:" + EOS. We train on exactly that text but put the space at the start of the
       completion: generation and PPO prompt with the bare prompt (ending "Assistant:"), and with
       BPE tokenizers the space belongs to the response's first token, so the prompt's tokens are
       then the same in training as at inference.
 dpo   TRL's DPOTrainer on the table; chosen = the preferred output (soft-labelled tables are
       oriented by their `preference`, i.e. win2_prob > 0.5), completions formatted as for sft.
-rloo  TRL's RLOOTrainer, rewarded by our reward model exactly as PPO is (method spec §6): the
+rloo  TRL's RLOOTrainer, rewarded by our reward model exactly as PPO is (docs/method.md §6): the
       completion cut at the first "\\n\\nHuman:", scored as prompt + " " + response + marker
       (`reward.format_rm_input` / `score_texts`); -1 when the marker never appears or nothing
       precedes it.
@@ -31,7 +31,7 @@ from rlcd.files import UserError, atomic_write_text, now, write_manifest
 from rlcd.reward import (check_out_dir, format_rm_input, parse_bf16, positive_int, public_config, trainer_arguments,
                          training_config)
 
-PENALTY = -1.0  # reward of a completion without an end marker, or with nothing before it (method spec §6)
+PENALTY = -1.0  # reward of a completion without an end marker, or with nothing before it (docs/method.md §6)
 LEARNING_RATES = {"sft": (2e-5, 2e-4), "dpo": (1e-6, 1e-5), "rloo": (1e-6, 1e-5)}  # (full, --lora)
 
 

@@ -1,4 +1,4 @@
-"""Outputs on test prompts (method spec §8): `rlcd format-prompts`, `rlcd generate`, `rlcd postprocess`.
+"""Outputs on test prompts (docs/method.md §8): `rlcd format-prompts`, `rlcd generate`, `rlcd postprocess`.
 
 format-prompts  hh-rlhf dialogues (or a plain prompt list) -> a prompts file, JSON list of
                 {"instruction", "input", "index"}; dev = prompts 0-999 of the test file, test = 1000-1999.
@@ -35,7 +35,7 @@ _NEXT_TAG = re.compile(r"(?<![A-Za-z0-9_])" + _SPEAKER, re.IGNORECASE)
 
 
 def postprocess(text: str) -> str:
-    """An output as evaluated (method spec §8): cut at the first "\\n\\nHuman:", drop a leading speaker tag
+    """An output as evaluated (docs/method.md §8): cut at the first "\\n\\nHuman:", drop a leading speaker tag
     (Human/Assistant/User, any case, with its colon), cut at the next speaker tag, strip whitespace.
 
     Idempotent: what it returns holds no speaker tag.
@@ -113,7 +113,7 @@ def run_format_prompts(args: argparse.Namespace) -> None:
 def sampling_params(args: argparse.Namespace):
     from rlcd.engines import SamplingParams
 
-    # top-k off: the evaluation samples with top-p only (method spec §8)
+    # top-k off: the evaluation samples with top-p only (docs/method.md §8)
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=0, top_p=args.top_p,
                           stop=(dialogue.HUMAN,), stop_at_eos=True)
 
@@ -306,7 +306,7 @@ def _format_arguments(p: argparse.ArgumentParser) -> None:
                    help="hh-rlhf jsonl(.gz) (prompt = 'chosen' cut after its last 'Assistant:'), or a plain list of questions")
     p.add_argument("--out-file", help="prompts file to write: a JSON list of {instruction, input, index}")
     p.add_argument("--split", default="all", choices=["dev", "test", "all"],
-                   help="dev = prompts 0-999, test = 1000-1999 of the file (method spec §2); default all")
+                   help="dev = prompts 0-999, test = 1000-1999 of the file (docs/method.md §2); default all")
     p.add_argument("--max-instances", type=int, help="keep only the first N prompts of the split")
 
 
@@ -322,7 +322,7 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-instances", type=int, help="only the first N prompts")
     p.add_argument("--batch-size", type=int, default=32, help="prompts generated per batch (default 32)")
     p.add_argument("--seed", type=int, default=42, help="sampling seed; each prompt's seed derives from it and the prompt's index")
-    p.add_argument("--max-new-tokens", type=int, default=300, help="default 300 (method spec §8)")
+    p.add_argument("--max-new-tokens", type=int, default=300, help="default 300 (docs/method.md §8)")
     p.add_argument("--temperature", type=float, default=1.0, help="default 1.0; 0 = greedy")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (default 0.9); top-k is off")
     p.add_argument("--engine", default="auto", choices=["auto", "fast", "hf"],

@@ -1,4 +1,4 @@
-"""`rlcd simulate`: preference-pair simulation by RLCD, RLAIF or RLCD-Rescore (method spec §3-4).
+"""`rlcd simulate`: preference-pair simulation by RLCD, RLAIF or RLCD-Rescore (docs/method.md §3-4).
 
 For every prompt index in this process's slice:
   rlcd          sample o+ from p+ and o- from p- (chosen, rejected);

@@ -87,7 +87,7 @@ def no_cudnn_attention():
 
     cuDNN builds a plan for every new input shape: a 7B forward of a few prompts took ~90 ms for a new
     shape on an H100 against ~30 ms for a repeated one (1–1.5 s for the first shapes), and prefills of
-    refilled slots and scoring batches rarely repeat a shape (README, generation throughput). The
+    refilled slots and scoring batches rarely repeat a shape (docs/results.md, generation throughput). The
     memory-efficient kernel takes the same masks without that cost. No effect on CPU. Also a decorator.
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
