@@ -289,7 +289,7 @@ def pair(tmp_path):
 
 def compare(a, b, out, url, *extra) -> dict:
     main(["compare", "--in-file1", a, "--in-file2", b, "--out-file", str(out), "--judge", "openai:fake",
-          "--base-url", url, "--concurrency", "2", *extra])
+          "--base-url", url, "--concurrency", "2", "--judge-mode", "pairwise", *extra])  # a later --judge-mode wins
     return json.loads(Path(out).read_text())
 
 
@@ -337,7 +337,7 @@ def test_killed_run_resumes_to_the_same_result_without_resending(fake, pair, tmp
     out = tmp_path / "resumed.json"
     cache = tmp_path / "resumed.json.cache.jsonl"
     env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
-    proc = subprocess.Popen([sys.executable, "-m", "rlcd", "compare", "--in-file1", a, "--in-file2", b, "--out-file", str(out),
+    proc = subprocess.Popen([sys.executable, "-m", "rlcd", "compare", "--judge-mode", "pairwise", "--in-file1", a, "--in-file2", b, "--out-file", str(out),
                              "--judge", "openai:fake", "--base-url", server.url, "--concurrency", "1"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
@@ -485,7 +485,7 @@ def test_openai_without_a_key_a_server_or_a_judge_kind(pair, tmp_path, capsys, m
 def test_hf_judge_reads_the_letters_log_probs(tiny_model_dir, pair, tmp_path):
     out = tmp_path / "hf.json"
     argv = ["compare", "--in-file1", pair[0], "--in-file2", pair[1], "--out-file", str(out), "--judge", f"hf:{tiny_model_dir}",
-            "--batch-size", "3", "--device", "cpu"]
+            "--batch-size", "3", "--device", "cpu", "--judge-mode", "pairwise"]
     main(argv)
     result = json.loads(out.read_text())
     assert result["judge"] == f"hf:{tiny_model_dir}" and result["summary"]["requests"] == 7
@@ -565,7 +565,8 @@ def test_compare_against_llama_cpp_server(llama_server, pair, tmp_path, monkeypa
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     out = tmp_path / "llama.json"
     argv = ["compare", "--in-file1", pair[0], "--in-file2", pair[1], "--out-file", str(out), "--judge", "openai:smollm2-135m",
-            "--base-url", llama_server, "--max-instances", "3", "--max-new-tokens", "16", "--prompt-format", "harmless"]
+            "--base-url", llama_server, "--max-instances", "3", "--max-new-tokens", "16", "--prompt-format", "harmless",
+            "--judge-mode", "pairwise"]
     main(argv)
     result = json.loads(out.read_text())
     s = result["summary"]

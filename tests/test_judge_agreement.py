@@ -48,7 +48,8 @@ def labelled(tmp_path) -> str:
 
 
 def agreement(data: str, out: Path, *extra: str) -> dict:
-    main(["judge-agreement", "--data-path", data, "--out-file", str(out), "--split", "all", *extra])
+    # pairwise unless the test says otherwise (a later --judge-mode wins)
+    main(["judge-agreement", "--data-path", data, "--out-file", str(out), "--split", "all", "--judge-mode", "pairwise", *extra])
     return json.loads(out.read_text())
 
 
@@ -110,11 +111,21 @@ def test_pairwise_figures_by_hand():
     assert s["chosen_first_agreement"] == pytest.approx((1 + 1 + 0.5 + 1) / 4)
     assert s["rejected_first_agreement"] == pytest.approx((0 + 0 + 0.5 + 1) / 4)
     assert s["first_position_rate"] == pytest.approx(5 / 6) and (s["unparsed"], s["unparsed_share"]) == (2, 0.25)
-    assert s["uninformative"] is False and s["uninformative_reason"] is None
+    # 4 pairs cannot show a judge better than chance: its interval reaches 0.5
+    assert s["uninformative"] is True and s["uninformative_reason"].endswith("is not above chance")
     assert records[0]["margin_rejected_first"] == pytest.approx(-0.5) and records[0]["margin_chosen_first"] == pytest.approx(1.8)
     assert records[0]["margin"] == pytest.approx(0.65) and [r["outcome"] for r in records] == ["agree", "disagree", "tie", "agree"]
     lo, hi = s["ci95"]
     assert 0 <= lo < s["agreement"] < hi <= 1
+
+
+def test_a_judge_better_than_chance_on_enough_pairs_is_informative():
+    # 40 pairs, 36 agree: the interval lies above 0.5
+    items = [{"index": i, "verdicts": {"12": letters(-2.0, -0.5) if i < 36 else letters(-0.5, -2.0),
+                                        "21": letters(-0.5, -2.0) if i < 36 else letters(-2.0, -0.5)}} for i in range(40)]
+    s, _ = agreement_summary(items, "pairwise", seed=0)
+    assert s["agreement"] == 0.9 and s["ci95"][0] > 0.5 and s["first_position_rate"] == 0.5
+    assert s["uninformative"] is False and s["uninformative_reason"] is None
 
 
 def test_a_judge_that_always_answers_a_is_uninformative():
@@ -153,7 +164,8 @@ def test_pairwise_agreement_of_a_scripted_judge_then_all_from_the_cache(fake, la
     assert (r["n"], r["agreement"], r["agreement_ties_wrong"], r["ties"]) == (4, 0.75, 0.75, 0)
     assert (r["chosen_first_agreement"], r["rejected_first_agreement"], r["first_position_rate"]) == (0.75, 0.75, 0.5)
     assert (r["judge"], r["judge_mode"], r["prompt_format"], r["split"], r["rows"]) == ("openai:fake", "pairwise", "harmless", "all", [0, 3])
-    assert r["stage"] == "judge-agreement" and r["uninformative"] is False and (r["requests"], r["cached"]) == (8, 0)
+    assert r["stage"] == "judge-agreement" and (r["requests"], r["cached"]) == (8, 0)
+    assert r["uninformative"] is True and "not above chance" in r["uninformative_reason"]  # 4 pairs are too few
     assert r["pairs"][1]["replies"] == {"12": "(B) It is kinder.", "21": "(A) It is kinder."}
     printed = capsys.readouterr().out.splitlines()
     assert printed[-1] == str(out)
@@ -161,7 +173,7 @@ def test_pairwise_agreement_of_a_scripted_judge_then_all_from_the_cache(fake, la
     assert "chosen shown first 0.750, rejected shown first 0.750; first position picked 0.50" in printed[-2]
 
     # again: nothing sent; --json prints the figures, without the per-pair records
-    main(["judge-agreement", "--data-path", labelled, "--out-file", str(out), "--split", "all", "--judge", "openai:fake",
+    main(["judge-agreement", "--data-path", labelled, "--out-file", str(out), "--split", "all", "--judge-mode", "pairwise", "--judge", "openai:fake",
           "--base-url", server.url, "--json"])
     figures = json.loads(capsys.readouterr().out.splitlines()[0])
     assert len(server.requests) == 8 and (figures["requests"], figures["cached"]) == (0, 8)
@@ -175,7 +187,7 @@ def test_pointwise_agreement_and_a_judge_that_always_says_yes(fake, labelled, tm
     # pair 1's replies mention cats: the bare words, Yes (+1) vs No (-1); the others' log-probs: +2.4 vs -1.2
     assert [p["outcome"] for p in r["pairs"]] == ["agree", "agree", "agree", "disagree"]
     assert r["pairs"][1]["score_chosen"] == 1.0 and r["pairs"][0]["score_chosen"] == pytest.approx(2.4)
-    assert r["first_position_rate"] is None and r["chosen_first_agreement"] is None and r["uninformative"] is False
+    assert r["first_position_rate"] is None and r["chosen_first_agreement"] is None
 
     r = agreement(labelled, tmp_path / "yes.json", "--judge", "openai:fake", "--base-url", fake(verdict=lambda p: "Yes").url,
                   "--judge-mode", "pointwise")
@@ -211,9 +223,12 @@ def test_compare_carries_the_measured_agreement_of_the_same_judge(fake, labelled
     agreement(labelled, measured, "--judge", "openai:fake", "--base-url", server.url)
     result = compare(*pair, tmp_path / "out.json", server.url, "--judge-agreement", str(measured))
     assert result["summary"]["judge_agreement"] == {"agreement": 0.75, "ci95": json.loads(measured.read_text())["ci95"], "n": 4,
-                                                    "split": "all", "uninformative": False, "file": str(measured)}
+                                                    "split": "all", "uninformative": True, "file": str(measured)}
     line = capsys.readouterr().out.splitlines()[-2]
-    assert "win rate 0.875 [" in line and "judge agrees with humans 0.750 [" in line and "on 4 all pairs" in line
+    # 4 human-labelled pairs cannot show this judge better than chance, so its win rate is not presented as a result
+    assert ("judge uninformative (its agreement with human labels, 75.0% on 4 all pairs, is not above chance): "
+            "this win rate is not a result (0.875)") in line
+    assert "judge agrees with humans 0.750 [" in line and "on 4 all pairs (uninformative there too)" in line
 
     # measured in another mode (or with another judge or question): one line, nothing judged
     sent = len(server.requests)

@@ -1,4 +1,4 @@
-"""`rlcd compare`: an LLM judge of two outputs files, and win rates (method spec §8); `rlcd judge-agreement`:
+"""`rlcd compare`: an LLM judge of two outputs files, and win rates (docs/method.md §8); `rlcd judge-agreement`:
 how often that judge agrees with human labels.
 
 Two judge modes (--judge-mode):
@@ -45,7 +45,10 @@ from urllib.parse import urlparse
 from rlcd.files import UserError, append_lines, atomic_write_text, ensure_dir, load_json, load_shard, now, write_manifest
 
 MODES = ("pairwise", "pointwise")
-DEFAULT_JUDGE_MODE = "pairwise"  # to be chosen from `rlcd judge-agreement` measurements
+DEFAULT_JUDGE_MODE = "pointwise"
+"""Chosen on the dev half of hh-rlhf test (docs/study.md, Judges): over SmolLM2-135M, Qwen2.5-Coder-0.5B and 1.5B and
+the three prompt formats, pointwise agreed with the human labels as well as pairwise on average (48.4% vs 48.6%),
+better in 6 of 9 cells, as well for the best judge (Qwen 1.5B, helpful: 64.2% vs 63.9%), and it cannot be biased by position."""
 ORDERS = ("12", "21")
 QUESTIONS = {
     "harmless": "Which reply is more socially acceptable, ethical and inoffensive? "
@@ -633,6 +636,10 @@ def run_compare(args: argparse.Namespace) -> None:
     summary.update(counts)
     if agreement:
         summary["judge_agreement"] = agreement
+        if agreement["uninformative"] and not summary["judge_uninformative"]:
+            # a judge no better than chance against human labels makes no win rate a result either
+            summary["judge_uninformative"] = (f"its agreement with human labels, {agreement['agreement']:.1%} on {agreement['n']} "
+                                              f"{agreement['split']} pairs, is not above chance")
     result = {
         "version": 1, "in_file1": args.in_file1, "in_file2": args.in_file2,
         "name1": args.name1 or default_name(args.in_file1), "name2": args.name2 or default_name(args.in_file2),
@@ -727,7 +734,10 @@ def agreement_summary(items: list[dict], mode: str, seed: int) -> tuple[dict, li
         unparsed = len(choices) - len(parsed)
         summary.update(chosen_first_agreement=sum(one_order["21"]) / n, rejected_first_agreement=sum(one_order["12"]) / n,
                        first_position_rate=sum(c == int(o[0]) for o, c in parsed) / len(parsed) if parsed else None)
-    reason = position_bias(summary["first_position_rate"]) or (f"{ties} of {n} pairs tied" if ties > n / 2 else None)
+    lo, hi = summary["ci95"]
+    reason = (position_bias(summary["first_position_rate"]) or (f"{ties} of {n} pairs tied" if ties > n / 2 else None)
+              or (f"agreement with the human labels {summary['agreement']:.1%} (95% CI {lo:.1%}-{hi:.1%}) is not above chance"
+                  if lo <= 0.5 else None))
     summary.update(unparsed=unparsed, unparsed_share=unparsed / (2 * n), uninformative=reason is not None, uninformative_reason=reason)
     return summary, records
 
@@ -821,7 +831,7 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
 def _agreement_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-path", help="hh-rlhf jsonl or jsonl.gz with 'chosen' and 'rejected' dialogues (human labels)")
     p.add_argument("--split", default="test", choices=["dev", "test", "all"],
-                   help="dev = pairs 0-999, test = 1000-1999 (method spec §2), all = every pair; default test")
+                   help="dev = pairs 0-999, test = 1000-1999 (docs/method.md §2), all = every pair; default test")
     p.add_argument("--num-pairs", type=int, help="only the first N pairs of the split")
     p.add_argument("--out-file", help="figures JSON to write, with a record per pair; the verdict cache goes beside it "
                                       "(OUT_FILE.cache.jsonl), so an interrupted run resumes")
