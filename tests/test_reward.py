@@ -10,6 +10,7 @@ import gzip
 import json
 import math
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -419,6 +420,34 @@ def test_eval_rm_counts_ties_wrong_and_reports_skipped_lines(trained_rm, tmp_pat
     assert result["accuracy"] == pytest.approx(2 / 3)  # the marker pairs right, the tie wrong
     assert result["skipped"] == {"not JSON": 1, "field 'chosen' has no Assistant turn": 1}
     assert (tmp_path / "agreement.json.manifest.json").exists()
+
+
+def test_eval_rm_refuses_a_model_that_scores_nan(trained_rm, tmp_path, capsys):
+    """A diverged model scores NaN: its 'accuracy' would be 0.0 (NaN margins are never > 0), which is not a figure."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(trained_rm[0], broken)
+    weights = load_file(broken / "model.safetensors")
+    weights = {k: v.clone().fill_(float("nan")) if "score" in k else v for k, v in weights.items()}
+    save_file(weights, broken / "model.safetensors")
+    path = write_jsonl(tmp_path / "hh.jsonl", [hh_line("q", "a", "b")])
+    with pytest.raises(SystemExit):
+        main(["eval-rm", "--model-path", str(broken), "--data-path", str(path)])
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the loading bars: one line
+    assert err.startswith("rlcd eval-rm: error: --model-path") and "2 of 2 scores are NaN or inf" in err
+
+
+def test_train_rm_refuses_to_save_diverged_weights(base_model, tmp_path, capsys, monkeypatch):
+    table = write_jsonl(tmp_path / "table.jsonl", marker_rows(16))
+    real = reward.preference_loss
+    monkeypatch.setattr(reward, "preference_loss", lambda *a: real(*a) * float("nan"))  # every gradient NaN
+    with pytest.raises(SystemExit):
+        main(["train-rm", "--data", str(table), "--model", base_model, "--out-dir", str(tmp_path / "rm"), "--eval-pairs", "0",
+              *TRAIN_FLAGS])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "training diverged, the weights became NaN or inf" in err and "--bf16 false" in err
+    assert not (tmp_path / "rm" / "model.safetensors").exists()
 
 
 def test_eval_rm_num_pairs_takes_the_first_usable_pairs(tmp_path):

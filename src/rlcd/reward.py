@@ -1,8 +1,8 @@
 """Reward model: `rlcd train-rm` (Bradley-Terry on a preference table), `rlcd eval-rm` (agreement with
-human labels, method spec §8) and `rlcd score` (outputs file -> outputs with rewards).
+human labels, docs/method.md §8) and `rlcd score` (outputs file -> outputs with rewards).
 
 The reward model is a plain `AutoModelForSequenceClassification` with one output: a linear head on the
-final hidden state of the last real token (method spec §5). Every reward-model call, here and in PPO,
+final hidden state of the last real token (docs/method.md §5). Every reward-model call, here and in PPO,
 formats its input with `format_rm_input` and scores it with `score_texts`, so training and scoring
 always see the same text, the same truncation and the same token the score is read at.
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import random
 import shutil
 import sys
@@ -30,7 +31,7 @@ from rlcd import dialogue
 from rlcd.engines import SCORING_TOKEN_BUDGET, no_cudnn_attention, token_budget_batches
 from rlcd.files import UserError, atomic_write_text, ensure_dir, is_text, iter_lines, load_json, now, write_manifest
 
-WARMUP_FRACTION = 0.03  # method spec §5: cosine schedule, 3% warmup, weight decay 0
+WARMUP_FRACTION = 0.03  # docs/method.md §5: cosine schedule, 3% warmup, weight decay 0
 LOGGING_STEPS = 10
 FULL_LR, LORA_LR = 1e-5, 1e-4
 
@@ -41,7 +42,7 @@ FULL_LR, LORA_LR = 1e-5, 1e-4
 
 
 def format_rm_input(prompt: str, response: str) -> str:
-    """Reward-model input: prompt + one space + response + end marker (method spec §5).
+    """Reward-model input: prompt + one space + response + end marker (docs/method.md §5).
 
     The response is stripped on both sides, not only on the right: a response decoded on its own
     often starts with the space of its first token, and the join must stay exactly one space
@@ -55,7 +56,7 @@ def preference_loss(rewards_chosen, rewards_rejected, chosen_prob):
 
     chosen_prob = 1 gives the hard Bradley-Terry loss -log sigmoid(r_chosen - r_rejected). Since
     BCE(x, p) = BCE(-x, 1 - p), chosen_prob = win2_prob with chosen = output_2 (or 1 - win2_prob with
-    chosen = output_1) is exactly the spec's soft loss BCE(r(output_2) - r(output_1), win2_prob).
+    chosen = output_1) is exactly the soft loss of docs/method.md §5, BCE(r(output_2) - r(output_1), win2_prob).
     """
     import torch.nn.functional as F
 
@@ -131,7 +132,7 @@ def score_texts(model, tokenizer, texts: list[str], batch_size: int = 24, max_le
 
 def agreement(chosen_scores: list[float], rejected_scores: list[float], seed: int = 0, resamples: int = 1000) -> dict:
     """Accuracy (r_chosen > r_rejected; a tie counts as wrong), its 95% bootstrap interval, and mean
-    sigmoid(r_chosen - r_rejected) (method spec §8)."""
+    sigmoid(r_chosen - r_rejected) (docs/method.md §8)."""
     import numpy as np
 
     margin = np.asarray(chosen_scores, dtype=np.float64) - np.asarray(rejected_scores, dtype=np.float64)
@@ -458,6 +459,7 @@ def train_reward_model(args: argparse.Namespace) -> dict:
             for bar in (getattr(callback, "training_bar", None), getattr(callback, "prediction_bar", None)):
                 if bar is not None:
                     bar.close()
+    check_finite(trainer, args)
     with writing_model(out_dir):
         if args.lora:
             final = trainer.model.merge_and_unload() if trainer.is_world_process_zero() else None
@@ -512,6 +514,20 @@ def train_reward_model(args: argparse.Namespace) -> dict:
     return metrics
 
 
+def check_finite(trainer, args: argparse.Namespace) -> None:
+    """Refuse to save a model whose weights became NaN or inf (a diverged run would score every text NaN, and its
+    agreement would read 0.0 as if it were a figure). Seen: Qwen2.5-Coder-0.5B under bf16 autocast on an H200, the
+    gradient norm NaN at 0.8 of the epoch; the same run in fp32 trained (docs/study.md)."""
+    import torch
+
+    if all(torch.isfinite(p).all() for p in trainer.model.parameters()):
+        return
+    steps = [e.get("step") for e in trainer.state.log_history if isinstance(e.get("grad_norm"), float) and not math.isfinite(e["grad_norm"])]
+    when = f"; the gradient norm was first non-finite in the log at step {steps[0]}" if steps else ""
+    raise UserError(f"--out-dir {args.out_dir}: training diverged, the weights became NaN or inf{when}; nothing was saved. "
+                    "Train again with --bf16 false or a lower --learning-rate")
+
+
 def run_train(args: argparse.Namespace) -> None:
     if args.learning_rate is None:
         args.learning_rate = LORA_LR if args.lora else FULL_LR
@@ -550,7 +566,7 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 def split_dialogue(text: str) -> tuple[str, str] | None:
-    """(prompt as in method spec §2, final response), or None if the dialogue has no usable Assistant turn."""
+    """(prompt as in docs/method.md §2, final response), or None if the dialogue has no usable Assistant turn."""
     try:
         prompt = dialogue.prompt_from_dialogue(text)
     except ValueError:
@@ -608,6 +624,10 @@ def evaluate_reward_model(args: argparse.Namespace) -> dict:
     model, tokenizer = load_reward_model(args.model_path, dtype=args.dtype)
     t0 = time.time()
     scores = score_texts(model, tokenizer, [c for c, _ in pairs] + [r for _, r in pairs], args.batch_size, args.max_length, progress=True)
+    broken = sum(not math.isfinite(x) for x in scores)
+    if broken:
+        raise UserError(f"--model-path {args.model_path}: {broken} of {len(scores)} scores are NaN or inf, so no agreement can be "
+                        "measured (were its weights saved from a diverged run?)")
     chosen, rejected = scores[: len(pairs)], scores[len(pairs) :]
     result = agreement(chosen, rejected, seed=args.seed)
     return {
