@@ -161,6 +161,14 @@ def plan(cfg: dict, run: Path) -> list[Stage]:
         if target not in policies:
             raise UserError(f"compare.against '{target}' is not a system ({', '.join(policies)})")
         compare.setdefault("prompt-format", task if task in ("harmless", "helpful") else "harmless")
+        # the judge is measured against the human labels of the test file first, and compare prints that beside its win rates
+        split, num_pairs = compare.pop("agreement-split", "test"), compare.pop("agreement-pairs", None)
+        judge_flags = {k: v for k, v in compare.items() if k in ("judge", "judge-mode", "prompt-format", "base-url", "batch-size", "device", "dtype")}
+        judge_flags["num-pairs"] = num_pairs
+        agreement = run / "compare" / "judge-agreement.json"
+        stages.append(Stage("judge-agreement", ["judge-agreement", "--data-path", test, "--split", split, "--out-file", str(agreement),
+                                                "--seed", seed, *flags(judge_flags, "compare")], agreement, files=[test]))
+        compare["judge-agreement"] = str(agreement)
         for name in policies:
             if name == target:
                 continue
@@ -168,7 +176,7 @@ def plan(cfg: dict, run: Path) -> list[Stage]:
             stages.append(Stage(f"compare/{name}-vs-{target}", [
                 "compare", "--in-file1", str(run / "outputs" / f"{name}.json"), "--in-file2", str(run / "outputs" / f"{target}.json"),
                 "--out-file", str(out), "--name1", name, "--name2", target, "--seed", seed, *flags(compare, "compare")],
-                out, deps=[f"generate/{name}", f"generate/{target}"]))
+                out, deps=[f"generate/{name}", f"generate/{target}", "judge-agreement"]))
     stages.append(Stage("report", ["report", str(run)], run / "report" / "report.html",
                         deps=[s.name for s in stages]))
     return stages
@@ -283,15 +291,18 @@ def demo_config() -> dict:
         "seed": 0,
         "prompts-file": str(data / "harmless_prompts.jsonl"),
         "test-file": str(data / "demo_pairs.jsonl"),
-        "simulate": {"methods": ["rlcd"], "max-new-tokens": 48, "accept-eos": True, "max-attempts": 2, "batch-size": 20},
-        "train-rm": {"epochs": 2, "batch-size": 4, "gradient-accumulation-steps": 1, "learning-rate": 3e-5, "eval-pairs": 0},
-        "eval-rm": {"batch-size": 8},
-        "systems": {"base": {}, "rlcd-ppo": {"stage": "ppo", "reward-model": "rlcd", "steps": 3, "rollouts": 8,
-                                              "minibatch-size": 8, "micro-batch-size": 4, "max-new-tokens": 48,
-                                              "accept-eos": True, "save-every": 3}},
+        # chat prompts: the instruct model ends its turn with EOS (raw prompts rarely reach a new Human turn)
+        "simulate": {"methods": ["rlcd"], "prompt-style": "chat", "max-prompts": 80, "max-new-tokens": 96, "max-attempts": 2,
+                     "batch-size": 40},
+        "train-rm": {"epochs": 1, "batch-size": 8, "gradient-accumulation-steps": 1, "learning-rate": 3e-5, "eval-pairs": 0},
+        "eval-rm": {"batch-size": 16, "num-pairs": 160},
+        "systems": {"base": {}, "rlcd-ppo": {"stage": "ppo", "reward-model": "rlcd", "lora": True, "steps": 4, "rollouts": 8,
+                                              "minibatch-size": 8, "micro-batch-size": 8, "max-new-tokens": 32,
+                                              "accept-eos": True, "save-every": 4}},
         "format-prompts": {"split": "all"},
-        "generate": {"max-new-tokens": 48, "max-instances": 8},
-        "compare": {"judge": "hf:smollm2", "against": "rlcd-ppo", "prompt-format": "harmless"},
+        "generate": {"max-new-tokens": 48, "max-instances": 12},
+        "compare": {"judge": "hf:smollm2", "against": "rlcd-ppo", "prompt-format": "harmless", "agreement-split": "all",
+                    "agreement-pairs": 120},
     }
 
 

@@ -203,6 +203,8 @@ def load_run(run_dir: Path) -> Run:
         if (items := attempt(read_outputs, path, scored)) is not None:
             run.outputs[system] = items
     for path in _artifacts(run_dir / "compare", "*.json"):
+        if path.name == "judge-agreement.json":
+            continue  # the pipeline's measurement of the judge: each comparison carries its figures
         if (result := attempt(read_compare, path)) is not None:
             run.compares.append(result)
     return run
