@@ -1,10 +1,10 @@
-"""PPO against a reward model (method spec §6), in one file.
+"""PPO against a reward model (docs/method.md §6), in one file.
 
 One PPO step:
 
 1. Rollouts: `--rollouts` prompts (a seeded permutation of the prompt file, so a step's prompts
    depend only on --seed and the step) are sampled from the current policy with the same
-   in-process engine as simulation, at --temperature (1 in the spec), no top-k/top-p, up to
+   in-process engine as simulation, at --temperature (1 in docs/method.md §6), no top-k/top-p, up to
    --max-new-tokens. A response that ended on an end-of-sequence token keeps the one sampled (a
    model may have several). Every log-prob (old, new, reference) and the entropy are taken from
    logits / --temperature: the distribution actually sampled, as in AlpacaFarm.
@@ -686,14 +686,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", "--model", dest="policy", default="smollm2", help="starting policy (and frozen reference)")
     p.add_argument("--value-model", help="initialise the value model from this reward model instead of --reward-model")
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--steps", type=positive_int, default=80, help="PPO steps (spec: 40-80)")
+    p.add_argument("--steps", type=positive_int, default=80, help="PPO steps (docs/method.md §6: 40-80)")
     p.add_argument("--rollouts", type=positive_int, default=512, help="rollouts per PPO step")
     p.add_argument("--minibatch-size", type=positive_int, default=256, help="rows per optimizer step")
     p.add_argument("--micro-batch-size", type=positive_int, default=16, help="rows per forward/backward (gradient accumulation)")
     p.add_argument("--forward-batch-size", type=positive_int, default=32, help="rows per no-grad forward (log-probs, values, rewards)")
     p.add_argument("--generation-batch-size", type=positive_int, default=256, help="rows decoded at once by the rollout engine")
     p.add_argument("--epochs", type=positive_int, default=2, help="passes over each rollout batch")
-    p.add_argument("--kl", type=float, default=0.002, help="KL penalty coefficient beta (spec: 0.002 or 0.004)")
+    p.add_argument("--kl", type=float, default=0.002, help="KL penalty coefficient beta (docs/method.md §6: 0.002 or 0.004)")
     p.add_argument("--kl-target", type=float, help="adaptive KL: target KL per sequence (fixed beta when absent)")
     p.add_argument("--kl-horizon", type=positive_int, default=10000)
     p.add_argument("--learning-rate", type=float, default=1e-5)
