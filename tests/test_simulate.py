@@ -306,7 +306,7 @@ def test_accelerate_launch_splits_indices_over_processes(tmp_path, tiny_model_di
     """Two processes under `accelerate launch` (CPU here) write one shard each; together they hold
     exactly the records of a one-process run."""
     args = ["simulate", "--prompts-file", str(EXAMPLE_PROMPTS), "--model", tiny_model_dir, "--max-new-tokens", "6",
-            "--max-attempts", "2", "--accept-eos"]
+            "--max-attempts", "2", "--accept-eos", "--max-prompts", "20"]
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rlcd"]
     two = subprocess.run([*launcher, *args, "--out-dir", str(tmp_path / "two")], capture_output=True, text=True, timeout=600)
