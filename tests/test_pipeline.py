@@ -130,6 +130,10 @@ def _fail_on(name):
     ({"systems": {"x": {"stage": "magic"}}}, "systems.x.stage"),
     ({"systems": {"x": {"stage": "ppo", "reward-model": "rlaif"}}}, "not a simulated method"),
     ({"train-rm": {"epochs": [1, 2]}}, "expected a single value"),
+    # every stage's flags are parsed before the first stage runs: a late stage's typo fails at once
+    ({"generate": {"max-new-tokns": 5}}, "generate: unrecognized arguments: --max-new-tokns 5"),
+    ({"systems": {"base": {}, "rlcd-ppo": {"stage": "ppo", "stepz": 2}}}, "systems.rlcd-ppo: unrecognized arguments: --stepz 2"),
+    ({"compare": {"judge": "hf:smollm2", "against": "base", "judge-mode": "both"}}, "compare: argument --judge-mode"),
 ])
 def test_config_mistakes_are_one_line(tmp_path, capsys, change, needle):
     cfg = tmp_path / "run.yaml"
@@ -148,7 +152,9 @@ def test_shipped_configs_plan_cleanly(tmp_path, monkeypatch):
             cfg[key] = demo()[key]  # the shipped paths point at the user's hh-rlhf copy
         cfg.get("simulate", {}).pop("exclude-prompts", None)
         pipeline.check_config(cfg, name)
-        stages = [s.name for s in pipeline.plan(cfg, tmp_path)]
+        stages = pipeline.plan(cfg, tmp_path)
+        pipeline.validate(stages, cfg, name)
+        stages = [s.name for s in stages]
         assert stages[-1] == "report" and any(s.startswith("compare/") for s in stages)
 
 

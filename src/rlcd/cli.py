@@ -2,7 +2,8 @@
 `add_arguments(parser)` and `run(args)`; this file only wires them up.
 
 `--config FILE` reads a YAML mapping whose keys are flag names (`batch-size` or
-`batch_size`); flags given on the command line override it.
+`batch_size`); its values become the parser's defaults before the command line is parsed, so
+flags given on the command line (abbreviated or not) override it and it can supply required flags.
 """
 
 from __future__ import annotations
@@ -53,11 +54,28 @@ def missing_module_message(e: ModuleNotFoundError) -> str:
     return f"the package '{name}' is missing from this environment: pip install -e . (or pip install rlcd) installs what rlcd needs"
 
 
+class FlagError(UserError):
+    """A refused flag or value; `prog` names the (sub)command whose parser refused it."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(f"{message} (see {prog} --help)")
+        self.prog = prog
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every flag's help shows its default, unless the help already says it or there is none."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) and "default" not in help_text:
+            help_text += " (default: %(default)s)"
+        return help_text
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):
-        """A refused flag is one line too (argparse would print the usage lines first)."""
-        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
+        """A refused flag is one line (argparse would print the usage lines first and exit)."""
+        raise FlagError(self.prog, message)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -66,7 +84,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rlcd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=Parser)
     for name, (module, help_text) in STAGES.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         p.add_argument("--config", help="YAML file of flag values; command-line flags override it")
         if name == command:
             importlib.import_module(module).add_arguments(p)
@@ -74,48 +92,77 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def apply_config(args: argparse.Namespace, argv: list[str]) -> None:
-    """Fill in values from --config for every flag not given on the command line."""
-    if not args.config:
-        return
+def read_config(path: str) -> dict:
+    """A YAML mapping of flag names to values, or a one-line error."""
     try:
-        with open(args.config, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             values = yaml.safe_load(f) or {}
     except OSError as e:
-        raise UserError(f"{args.config}: cannot read ({e.strerror})") from None
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
-        raise UserError(f"{args.config}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        raise UserError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(values, dict):
-        raise UserError(f"{args.config}: expected a mapping of flag names to values")
-    parser: argparse.ArgumentParser = args._parser
+        raise UserError(f"{path}: expected a mapping of flag names to values")
+    return values
+
+
+def config_defaults(parser: argparse.ArgumentParser, values: dict, where: str) -> dict:
+    """The file's values as parser defaults: keys checked, values converted and checked like flags.
+    A required flag the file supplies is no longer required on the command line."""
     actions = {a.dest: a for a in parser._actions if a.option_strings}
-    given = {a.dest for a in parser._actions for s in a.option_strings if any(x == s or x.startswith(s + "=") for x in argv)}
+    defaults = {}
     for key, value in values.items():
         dest = str(key).replace("-", "_")
         if dest not in actions or dest == "config":
-            raise UserError(f"{args.config}: unknown key '{key}' for 'rlcd {args.command}' (see rlcd {args.command} --help)")
-        if dest in given:
-            continue
+            raise UserError(f"{where}: unknown key '{key}' (see {parser.prog} --help)")
         action = actions[dest]
-        if action.type is not None and value is not None and not isinstance(value, bool):
-            try:
-                value = action.type(value)
-            except (TypeError, ValueError) as e:
-                raise UserError(f"{args.config}: key '{key}': {e}") from None
+        convert = action.type if action.type is not None and value is not None and not isinstance(value, bool) else None
+        try:
+            if convert and isinstance(value, list) and action.nargs not in (None, "?"):
+                value = [convert(v) for v in value]
+            elif convert:
+                value = convert(value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+            raise UserError(f"{where}: key '{key}': {e}") from None
         if action.choices is not None and value not in action.choices:
-            raise UserError(f"{args.config}: key '{key}': {value!r} is not one of {list(action.choices)}")
-        setattr(args, dest, value)
+            raise UserError(f"{where}: key '{key}': {value!r} is not one of {list(action.choices)}")
+        defaults[dest] = value
+        action.required = False
+    return defaults
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """Parse a command line; `--config FILE` (except the pipeline's run file) supplies defaults before parsing,
+    so flags given on the command line, abbreviated or not, always win."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command)
+    if command in STAGES and command != "pipeline":  # the pipeline's --config is its run file, not flag values
+        pre = argparse.ArgumentParser(add_help=False)
+        pre.add_argument("--config")
+        config = pre.parse_known_args(argv[argv.index(command) + 1:])[0].config
+        if config:
+            sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+            sub.set_defaults(**config_defaults(sub, read_config(config), config))
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named by the subcommand that refused them, not by `rlcd`
+        args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(command).parse_args(argv)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    command = next((a for a in argv if not a.startswith("-")), "rlcd")
     try:
-        if args.command != "pipeline":  # the pipeline's --config is its run file, not flag values
-            apply_config(args, argv)
+        args = parse(argv)
+    except FlagError as e:
+        print(f"{e.prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except UserError as e:
+        print(f"rlcd {command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    try:
         importlib.import_module(args._module).run(args)
     except UserError as e:
         print(f"rlcd {args.command}: error: {e}", file=sys.stderr)

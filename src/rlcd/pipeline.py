@@ -182,6 +182,22 @@ def plan(cfg: dict, run: Path) -> list[Stage]:
     return stages
 
 
+def validate(stages: list[Stage], cfg: dict, where: str) -> None:
+    """Parse every stage's command line before any stage runs, so a typo in a late stage's flags
+    fails now, in one line naming the config section, not after an hour of training."""
+    from rlcd.cli import FlagError, parse
+
+    systems = {f"{trainer}/{name}" for name, system in (cfg.get("systems") or {}).items()
+               for trainer in [(system or {}).get("stage")] if trainer}
+    for stage in stages:
+        section = f"systems.{stage.name.split('/', 1)[1]}" if stage.name in systems else \
+            {"judge-agreement": "compare"}.get(stage.name.split("/")[0], stage.name.split("/")[0])
+        try:
+            parse(stage.argv)
+        except FlagError as e:
+            raise UserError(f"{where}: {section}: {e}") from None
+
+
 def file_digest(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -273,6 +289,7 @@ def run_pipeline(cfg: dict, where: str, run_dir: str | None) -> Path:
     run = Path(run_dir or cfg.get("run-dir") or "runs/rlcd")
     run.mkdir(parents=True, exist_ok=True)
     stages = plan(cfg, run)
+    validate(stages, cfg, where)
     atomic_write_text(run / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
     Runner(run, stages).execute()
     return run

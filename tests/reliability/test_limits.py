@@ -98,6 +98,6 @@ def test_out_of_range_values_from_a_config_file_are_one_line(tmp_path, stage, ke
 
 
 def test_out_of_range_values_on_the_command_line_end_with_one_error_line(tmp_path):
-    """argparse's own refusals (cli.py) print the usage first, then the error: no traceback, exit 2."""
+    """argparse's own refusals (cli.py) are one line too: no usage block, no traceback, exit 2."""
     code, _, err = cli(["train-rm", "--batch-size", "0"])
-    assert_user_error((code, err), "--batch-size", "expected a positive integer, got 0", only_line=False)
+    assert_user_error((code, err), "--batch-size", "expected a positive integer, got 0")

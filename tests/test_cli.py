@@ -1,0 +1,52 @@
+"""The command line: --config values are parser defaults (required flags satisfiable from the file,
+command-line flags win even abbreviated), one-line errors, defaults shown in --help."""
+
+import pytest
+
+from rlcd.cli import main, parse
+
+
+def config(tmp_path, text: str) -> str:
+    path = tmp_path / "run.yaml"
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def test_config_file_supplies_required_flags(tmp_path):
+    cfg = config(tmp_path, "prompts: p.json\nreward-model: rm\nout-dir: out\nsteps: 3\n")
+    args = parse(["ppo", "--config", cfg])
+    assert (args.prompts, args.reward_model, args.out_dir, args.steps) == ("p.json", "rm", "out", 3)
+
+
+@pytest.mark.parametrize("flag, key, given, in_file", [("--batch", "batch-size", 4, 8), ("--se", "seed", 9, 7)])
+def test_an_abbreviated_flag_beats_the_file(tmp_path, flag, key, given, in_file):
+    cfg = config(tmp_path, f"prompts-file: p.json\n{key}: {in_file}\n")
+    args = parse(["simulate", "--config", cfg, flag, str(given)])
+    assert getattr(args, key.replace("-", "_")) == given
+    assert getattr(parse(["simulate", "--config", cfg]), key.replace("-", "_")) == in_file
+
+
+def test_a_file_value_is_checked_like_a_flag(tmp_path, capsys):
+    for text, needle in [("prompts-file: p.json\nbatch-sise: 4\n", "unknown key 'batch-sise'"),
+                         ("prompts-file: p.json\nmethod: magic\n", "key 'method': 'magic' is not one of"),
+                         ("prompts-file: p.json\nmax-new-tokens: many\n", "key 'max-new-tokens'"),
+                         ("- a list\n", "expected a mapping")]:
+        cfg = config(tmp_path, text)
+        with pytest.raises(SystemExit) as e:
+            main(["simulate", "--config", cfg])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and needle in err and cfg in err and "\n" not in err, err
+
+
+def test_a_refused_flag_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["ppo", "--prompts", "p", "--reward-model", "r", "--out-dir", "o", "--stepz", "2"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err == "rlcd ppo: error: unrecognized arguments: --stepz 2 (see rlcd ppo --help)"
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["ppo", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--steps STEPS" in out and "(default: " in out and "(default: None)" not in out
