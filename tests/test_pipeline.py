@@ -53,6 +53,20 @@ def test_demo_plan_runs_every_stage_in_order(tmp_path):
     assert "judge-agreement" in compare.deps and compare.argv[compare.argv.index("--judge-agreement") + 1] == str(measured.output)
 
 
+def test_refusal_probe_stages_for_every_system(tmp_path):
+    cfg = {**demo(), "refusals": {"max-new-tokens": 7}}
+    stages = {s.name: s for s in pipeline.plan(cfg, tmp_path)}
+    probe = stages["format-prompts/probe"]
+    assert probe.argv[probe.argv.index("--data-path") + 1].endswith("refusal_probe.jsonl")
+    for name in ("base", "rlcd-ppo"):
+        generate, refusals = stages[f"generate-probe/{name}"], stages[f"refusals/{name}"]
+        # the generate section's settings, except its instance cap (the probe is used whole), then the section's own
+        assert "--max-instances" not in generate.argv and generate.argv[-2:] == ["--max-new-tokens", "7"]
+        assert refusals.deps == [f"generate-probe/{name}"] and str(generate.output) in refusals.argv
+    assert "ppo/rlcd-ppo" in stages["generate-probe/rlcd-ppo"].deps
+    pipeline.validate(list(stages.values()), cfg, "cfg")
+
+
 def test_second_run_skips_everything_and_a_changed_setting_reruns_only_downstream(tmp_path, fake_launch):
     cfg = demo()
     pipeline.run_pipeline(cfg, "cfg", str(tmp_path))
@@ -146,7 +160,7 @@ def test_config_mistakes_are_one_line(tmp_path, capsys, change, needle):
 
 
 def test_shipped_configs_plan_cleanly(tmp_path, monkeypatch):
-    for name in ("harmless", "helpful", "demo"):
+    for name in ("harmless", "helpful", "demo", "study-qwen-harmless", "study-qwen-helpful"):
         cfg = pipeline.load_config(str(ROOT / "configs" / f"{name}.yaml"))
         for key in ("prompts-file", "test-file"):
             cfg[key] = demo()[key]  # the shipped paths point at the user's hh-rlhf copy

@@ -34,7 +34,7 @@ from rlcd.files import UserError, atomic_write_text, now
 
 TRAINERS = {"ppo", "sft", "dpo", "rloo"}
 SECTIONS = {"run-dir", "model", "task", "seed", "prompts-file", "test-file", "simulate", "train-rm", "eval-rm", "systems",
-            "format-prompts", "generate", "score", "compare", "report"}
+            "format-prompts", "generate", "score", "compare", "refusals", "report"}
 
 
 @dataclass
@@ -83,7 +83,7 @@ def check_config(cfg: dict, where: str) -> None:
             raise UserError(f"{where}: '{key}' is required")
         if not Path(cfg[key]).exists():
             raise UserError(f"{where}: {key} {cfg[key]}: no such file")
-    for key in ("simulate", "train-rm", "eval-rm", "systems", "format-prompts", "generate", "score", "compare"):
+    for key in ("simulate", "train-rm", "eval-rm", "systems", "format-prompts", "generate", "score", "compare", "refusals"):
         if cfg.get(key) is not None and not isinstance(cfg[key], dict):
             raise UserError(f"{where}: '{key}' must be a mapping of flag names to values")
     methods = (cfg.get("simulate") or {}).get("methods", ["rlcd"])
@@ -155,6 +155,20 @@ def plan(cfg: dict, run: Path) -> list[Stage]:
         stages.append(Stage(f"score/{name}", ["score", "--reward-model", str(run / "rm" / score_rm), "--data-path", str(outputs),
                                               "--out-file", str(run / "outputs" / f"{name}.scored.json"), *flags(score_cfg, "score")],
                             run / "outputs" / f"{name}.scored.json", deps=[f"generate/{name}", f"train-rm/{score_rm}"]))
+    if cfg.get("refusals") is not None:  # every system on the refusal probe: refusal rates that need no judge
+        refusals = dict(cfg["refusals"])
+        probe = str(refusals.pop("probe", Path(__file__).parent / "data" / "refusal_probe.jsonl"))
+        probe_prompts = run / "refusals" / "prompts.json"
+        stages.append(Stage("format-prompts/probe", ["format-prompts", "--data-path", probe, "--split", "all",
+                                                     "--out-file", str(probe_prompts)], probe_prompts, files=[probe]))
+        generate = {k: v for k, v in (cfg.get("generate") or {}).items() if k != "max-instances"} | refusals
+        for name, (path, deps) in policies.items():
+            outputs, result = run / "refusals" / f"{name}.outputs.json", run / "refusals" / f"{name}.json"
+            stages.append(Stage(f"generate-probe/{name}", ["generate", "--model", path, "--prompts", str(probe_prompts),
+                                                           "--out-file", str(outputs), "--seed", seed, *flags(generate, "refusals")],
+                                outputs, deps=[*deps, "format-prompts/probe"]))
+            stages.append(Stage(f"refusals/{name}", ["refusals", "--in-file", str(outputs), "--probe", probe, "--out-file", str(result),
+                                                     "--seed", seed], result, deps=[f"generate-probe/{name}"], files=[probe]))
     compare = dict(cfg.get("compare") or {})
     target = compare.pop("against", None)
     if compare.get("judge") and target:
@@ -191,7 +205,7 @@ def validate(stages: list[Stage], cfg: dict, where: str) -> None:
                for trainer in [(system or {}).get("stage")] if trainer}
     for stage in stages:
         section = f"systems.{stage.name.split('/', 1)[1]}" if stage.name in systems else \
-            {"judge-agreement": "compare"}.get(stage.name.split("/")[0], stage.name.split("/")[0])
+            {"judge-agreement": "compare", "generate-probe": "refusals"}.get(stage.name.split("/")[0], stage.name.split("/")[0])
         try:
             parse(stage.argv)
         except FlagError as e:
