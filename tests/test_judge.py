@@ -103,11 +103,9 @@ def test_scores_and_margins_prefer_log_probs_over_the_words():
 
 
 def top_logprobs(*pairs):
-    """A chat-completion choice as the SDK parses it, whose first token has these (token, logprob) alternatives."""
-    from types import SimpleNamespace as NS
-
-    top = [NS(token=t, logprob=lp) for t, lp in pairs]
-    return NS(logprobs=NS(content=[NS(token=pairs[0][0], logprob=pairs[0][1], top_logprobs=top)]))
+    """A chat-completion choice (reply JSON) whose first token has these (token, logprob) alternatives."""
+    top = [{"token": t, "logprob": lp} for t, lp in pairs]
+    return {"logprobs": {"content": [{"token": pairs[0][0], "logprob": pairs[0][1], "top_logprobs": top}]}}
 
 
 def test_yes_no_log_probs_from_the_servers_top_tokens():
@@ -115,8 +113,7 @@ def test_yes_no_log_probs_from_the_servers_top_tokens():
     # "No" is not among the five: it is less likely than the least likely listed token
     assert yes_no_logprobs(top_logprobs(("Yes", -0.01), ("Sure", -5.0), ("**", -6.5))) == {"logprob_Yes": -0.01, "logprob_No": -6.5}
     assert yes_no_logprobs(top_logprobs(("Maybe", -0.2), ("I", -2.0))) == {}  # neither word: the reply is parsed instead
-    from types import SimpleNamespace as NS
-    assert yes_no_logprobs(NS(logprobs=None)) == {}  # a server that sends no log-probs
+    assert yes_no_logprobs({"logprobs": None}) == {}  # a server that sends no log-probs
 
 
 def test_letters_map_to_files_by_order():
@@ -145,6 +142,23 @@ def test_win_rate_ties_single_order_and_position_bias_by_hand():
     lo, hi = s["ci95"]
     assert 0 <= lo < s["win_rate"] < hi <= 1
     assert summarize(items, seed=0)["ci95"] == [lo, hi]  # seeded
+
+
+def test_with_log_probs_the_mean_margin_of_both_orders_decides():
+    def judged_lp(index, a_12, b_12, a_21, b_21):  # log P(A), log P(B) in each order; a judge biased towards (A)
+        return {"index": index, "judgments": [
+            {"order": "12", "choice": 1 if a_12 > b_12 else 2, "logprob_A": a_12, "logprob_B": b_12},
+            {"order": "21", "choice": 2 if a_21 > b_21 else 1, "logprob_A": a_21, "logprob_B": b_21}]}
+
+    # always (A) by letters, but file 2's letter is far less unlikely in prompt 0 and far more in prompt 1
+    items = [judged_lp(0, -0.5, -1.0, -0.1, -3.0), judged_lp(1, -0.1, -3.0, -0.5, -1.0), judged_lp(2, -0.5, -1.0, -0.5, -1.0)]
+    s = summarize(items, seed=0)
+    # margins for file 2: prompt 0 (-0.5 + 2.9) / 2 > 0, prompt 1 (-2.9 + 0.5) / 2 < 0, prompt 2 exactly 0
+    assert (s["wins"], s["losses"], s["ties"], s["win_rate"]) == (1, 1, 1, 0.5) and s["first_position_rate"] == 1.0
+    # by letters the same judge would have tied every prompt
+    letters = [{"index": it["index"], "judgments": [{k: v for k, v in j.items() if not k.startswith("logprob")} for j in it["judgments"]]}
+               for it in items]
+    assert summarize(letters, seed=0)["ties"] == 3
 
 
 def test_bootstrap_interval_narrows_with_more_prompts_and_collapses_without_spread():
@@ -236,6 +250,9 @@ class FakeJudgeServer:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # the model listing a server client checks before its first request
+                self._send(200, {"object": "list", "data": [{"id": "fake", "object": "model"}]})
+
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
@@ -428,7 +445,7 @@ def test_rate_limit_and_server_error_are_retried(fake, pair, tmp_path):
     server = fake(script=[(429, {"error": {"message": "slow down"}}), (500, {"error": {"message": "oops"}})])
     start = time.monotonic()
     result = compare(*pair, tmp_path / "out.json", server.url, "--concurrency", "1", "--max-instances", "1")
-    assert time.monotonic() - start >= 0.5  # backoff of the SDK: ~0.4-0.5 s, then ~0.75-1 s
+    assert time.monotonic() - start >= 0.5  # backoff: 0.25-0.5 s, then 0.5-1 s
     assert len(server.requests) == 4  # 429, 500, then the two orders
     assert result["items"][0]["preference"] == 2.0
 
@@ -441,7 +458,7 @@ def test_persistent_failure_is_one_line_without_the_key(fake, pair, tmp_path, ca
         compare(*pair, out, server.url, "--concurrency", "1", "--max-retries", "1")
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert e.value.code == 2
-    assert err == f"rlcd compare: error: {server.url}/v1: judge request failed after 2 attempts (HTTP 503): overloaded; your key *** is fine"
+    assert err == f"rlcd compare: error: {server.url}/v1: chat completion failed after 2 attempts: InternalServerError (HTTP 503): overloaded; your key *** is fine"
     assert server.requests[0][0]["authorization"] == f"Bearer {SECRET}"  # the key was used ...
     manifest = out.with_name(out.name + ".manifest.json").read_text()
     assert json.loads(manifest)["status"] == "interrupted" and SECRET not in manifest  # ... and written nowhere
@@ -467,11 +484,11 @@ def test_openai_without_a_key_a_server_or_a_judge_kind(pair, tmp_path, capsys, m
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-    with pytest.raises(UserError, match=r"openai:gpt-4o at https://api.openai.com/v1 needs an API key: set OPENAI_API_KEY"):
+    with pytest.raises(UserError, match=r"^https://api.openai.com/v1 needs an API key: set OPENAI_API_KEY"):
         OpenAIJudge("gpt-4o", None, 1, 0, 16)
     args = ["compare", "--in-file1", pair[0], "--in-file2", pair[1], "--out-file", str(tmp_path / "o.json")]
     url = f"http://127.0.0.1:{_free_port()}"
-    for judge, message in [("openai:x", f"{url}/v1: judge request failed after 2 attempts: APIConnectionError"),
+    for judge, message in [("openai:x", f"{url}/v1: model listing failed after 2 attempts: APIConnectionError"),
                            ("gpt-4", "--judge gpt-4: expected openai:MODEL")]:
         with pytest.raises(SystemExit) as e:
             main([*args, "--judge", judge, "--base-url", url, "--max-retries", "1"])
@@ -494,7 +511,12 @@ def test_hf_judge_reads_the_letters_log_probs(tiny_model_dir, pair, tmp_path):
             la, lb = j["logprob_A"], j["logprob_B"]
             assert la < 0 and lb < 0 and la != lb
             assert j["reply"] == ("(A)" if la > lb else "(B)") and j["choice"] == file_choice(j["order"], j["reply"][1])
-        assert it["preference"] == 1 + sum(j["choice"] == 2 for j in it["judgments"]) / 2
+        # decided as judge-agreement decides: the sign of the mean of both orders' margins for file 2
+        margin = sum((lb - la if j["order"] == "12" else la - lb) for j in it["judgments"] for la, lb in [(j["logprob_A"], j["logprob_B"])])
+        assert it["preference"] == (2.0 if margin > 0 else 1.0 if margin < 0 else 1.5)
+    # a judge that always picks the second letter still separates prompts by margin (this tiny one does)
+    s = result["summary"]
+    assert s["first_position_rate"] == 0.0 and s["wins"] + s["losses"] > 0
     # identical outputs (prompt 2): one text, one verdict, so the same log-probs in both orders
     same = result["items"][2]["judgments"]
     assert same[0]["logprob_A"] == same[1]["logprob_A"]

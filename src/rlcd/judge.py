@@ -37,11 +37,10 @@ import random
 import re
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Callable
-from urllib.parse import urlparse
 
+from rlcd.engines import openai_server
 from rlcd.files import UserError, append_lines, atomic_write_text, ensure_dir, load_json, load_shard, now, write_manifest
 
 MODES = ("pairwise", "pointwise")
@@ -65,7 +64,6 @@ POINTWISE_QUESTIONS = {
 }
 POINTWISE_MAX_TOKENS = 4  # one word is asked for; a few tokens leave room for "Yes." or a leading space
 POSITION_BIAS_LIMIT = 0.9  # a judge picking one position this often or more says nothing about the replies
-OPENAI_HOSTS = ("api.openai.com",)  # hosts that need a real key; any other server gets a placeholder when none is set
 
 
 # --------------------------------------------------------------------------------------------------
@@ -200,14 +198,24 @@ def win_figures(shares: list[float], seed: int) -> dict:
     }
 
 
+def share2(judgments: list[dict]) -> float:
+    """File 2's share of a prompt judged in both orders, decided as `judge-agreement` decides (so its
+    measured agreement applies): with letter log-probs, the sign of the mean of both orders' margins,
+    which cancels a constant position bias; from parsed letters, the mean of the orders' outcomes."""
+    if all("logprob_A" in j for j in judgments):
+        return outcome(sum(pairwise_margin(j["order"], j) for j in judgments) / len(judgments))
+    return sum(win2(j["choice"]) for j in judgments) / len(judgments)
+
+
 def summarize(items: list[dict], seed: int) -> dict:
     """Win rate of file 2 over file 1 and its interval, per-prompt wins/losses/ties, the single-order
-    figure and position bias, from pairwise items whose `judgments` carry `order` and `choice`."""
-    shares = [sum(win2(j["choice"]) for j in it["judgments"]) / len(it["judgments"]) for it in items]
+    figure and position bias, from pairwise items whose `judgments` carry `order` and `choice`
+    (and the letters' log-probs when the judge gave them)."""
+    shares = [share2(it["judgments"]) for it in items]
     single = []
     for it in items:
         order = single_order(seed, it["index"])
-        single.append(win2(next(j["choice"] for j in it["judgments"] if j["order"] == order)))
+        single.append(share2([next(j for j in it["judgments"] if j["order"] == order)]))
     parsed = [j for it in items for j in it["judgments"] if j["choice"] is not None]
     first = sum(j["choice"] == int(j["order"][0]) for j in parsed)
     first_position_rate = first / len(parsed) if parsed else None
@@ -273,101 +281,55 @@ def _clip(text: str, n: int = 60) -> str:
 
 
 class OpenAIJudge:
-    """Chat completions at temperature 0 from an OpenAI-compatible server.
+    """Chat completions at temperature 0 from an OpenAI-compatible server, through `OpenAIEngine.chat`: the URL,
+    key, retries and error lines are those of every server user (engines/openai_server.py).
 
     Pointwise, the reply is one word, and the log-probs of its first token's 5 likeliest tokens are asked
     for: the verdict keeps those of "Yes" and "No" (`yes_no_logprobs`).
-
-    The SDK retries 408/409/429/5xx, timeouts and dropped connections with exponential backoff and
-    jitter (honouring Retry-After); after its last try the failure becomes one `UserError` line.
     """
 
     def __init__(self, model: str, base_url: str | None, concurrency: int, max_retries: int, max_new_tokens: int,
-                 timeout: float = 300.0, mode: str = "pairwise"):
-        import openai
-
-        base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip("/")
-        if urlparse(base_url).path in ("", "/"):
-            base_url += "/v1"  # "http://host:8000" and "http://host:8000/v1" both work
-        key = os.environ.get("OPENAI_API_KEY")
-        if not key:
-            if urlparse(base_url).hostname in OPENAI_HOSTS:
-                raise UserError(f"--judge openai:{model} at {base_url} needs an API key: set OPENAI_API_KEY")
-            key = "EMPTY"  # local servers ignore the key, but the SDK insists on one
-        self.name, self.model, self.base_url, self.mode = f"openai:{model}", model, base_url, mode
+                 timeout: float = openai_server.TIMEOUT_S, mode: str = "pairwise"):
+        self.name, self.model, self.base_url, self.mode = f"openai:{model}", model, openai_server.server_url(base_url), mode
+        openai_server.server_key(self.base_url)  # OpenAI's API without a key fails now, not at the first request
         self.settings = ({"temperature": 0, "max_tokens": max_new_tokens} if mode == "pairwise" else
                          {"temperature": 0, "max_tokens": POINTWISE_MAX_TOKENS, "logprobs": True, "top_logprobs": 5})
-        self.concurrency, self.max_retries = concurrency, max_retries
-        self._key = key
-        self._client = openai.OpenAI(api_key=key, base_url=base_url, max_retries=max_retries, timeout=timeout)
+        self._server = {"concurrency": concurrency, "max_retries": max_retries, "timeout": timeout}
+        self._engine = None  # connected on first use, so a fully cached re-run needs no server
 
     def wrap(self, text: str) -> str:
         return text
 
     def judge(self, texts: list[str], record: Callable[[int, dict], None]) -> None:
-        pool = ThreadPoolExecutor(self.concurrency)
-        try:
-            futures = {pool.submit(self._one, text): i for i, text in enumerate(texts)}
-            for future in as_completed(futures):
-                record(futures[future], future.result())
-        finally:
-            # after a failure or an interrupt, requests not yet started are dropped rather than sent
-            pool.shutdown(wait=True, cancel_futures=True)
+        if self._engine is None:
+            self._engine = openai_server.OpenAIEngine(self.base_url, self.model, **self._server)
+        self._engine.chat(texts, self.settings, self._verdict, record)
 
-    def _one(self, text: str) -> dict:
-        import openai
-
-        try:
-            response = self._client.chat.completions.create(
-                model=self.model, messages=[{"role": "user", "content": text}], **self.settings
-            )
-        except openai.APIStatusError as e:
-            retried = e.status_code in (408, 409, 429) or e.status_code >= 500
-            what = f"failed after {self.max_retries + 1} attempts" if retried else "refused"
-            hint = "; check OPENAI_API_KEY" if e.status_code in (401, 403) else ""
-            raise UserError(self._redact(f"{self.base_url}: judge request {what} (HTTP {e.status_code}): {_server_message(e)}{hint}")) from None
-        except openai.APIConnectionError as e:  # timeouts included
-            raise UserError(self._redact(f"{self.base_url}: judge request failed after {self.max_retries + 1} attempts: "
-                                         f"{type(e).__name__} ({e})")) from None
-        if not response.choices:
-            raise UserError(f"{self.base_url}: the judge sent a reply without choices (model {self.model})")
-        usage = response.usage
+    def _verdict(self, data: dict) -> dict:
+        choice, usage = data["choices"][0], data.get("usage") or {}
         return {
-            "reply": response.choices[0].message.content or "",  # None for a refusal: unparsed, counted 0.5
-            **(yes_no_logprobs(response.choices[0]) if self.mode == "pointwise" else {}),
-            "prompt_tokens": usage.prompt_tokens if usage else 0,
-            "completion_tokens": usage.completion_tokens if usage else 0,
+            "reply": choice["message"]["content"] or "",  # None for a refusal: unparsed, counted 0.5
+            **(yes_no_logprobs(choice) if self.mode == "pointwise" else {}),
+            "prompt_tokens": usage.get("prompt_tokens") or 0,
+            "completion_tokens": usage.get("completion_tokens") or 0,
         }
 
-    def _redact(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key != "EMPTY" else text
 
-
-def yes_no_logprobs(choice) -> dict:
+def yes_no_logprobs(choice: dict) -> dict:
     """{"logprob_Yes", "logprob_No"} from the first reply token's top log-probs, or {} when the server sent
     none or neither word is among them. A word missing from the list is less likely than every listed
     token, so it gets the lowest listed log-prob: the margin is then an underestimate, never of the wrong sign."""
-    content = getattr(getattr(choice, "logprobs", None), "content", None)
-    top = (content[0].top_logprobs or []) if content else []
+    content = (choice.get("logprobs") or {}).get("content")
+    top = (content[0].get("top_logprobs") or []) if content else []
     found: dict[str, float] = {}
     for t in top:
-        word = t.token.strip().capitalize()  # " yes", "YES" -> "Yes"
+        word = t["token"].strip().capitalize()  # " yes", "YES" -> "Yes"
         if word in ("Yes", "No"):
-            found[word] = max(found.get(word, -math.inf), t.logprob)
+            found[word] = max(found.get(word, -math.inf), t["logprob"])
     if not found:
         return {}
-    lowest = min(t.logprob for t in top)
+    lowest = min(t["logprob"] for t in top)
     return {f"logprob_{word}": found.get(word, lowest) for word in ("Yes", "No")}
-
-
-def _server_message(e) -> str:
-    """The server's own explanation on one short line: OpenAI/vLLM {"error": {"message"}}, FastAPI {"detail"}."""
-    body = e.body
-    if isinstance(body, dict):
-        body = body.get("error", body)
-        if isinstance(body, dict):
-            body = body.get("message") or body.get("detail") or body
-    return " ".join(str(body if body is not None else e.response.text).split())[:300]
 
 
 class HFJudge:
@@ -437,7 +399,7 @@ def make_judge(args: argparse.Namespace):
     if kind not in ("openai", "hf") or not name:
         raise UserError(f"--judge {args.judge}: expected openai:MODEL (an OpenAI-compatible API) or hf:PATH ('hf:smollm2' = the embedded default)")
     if kind == "openai":
-        return OpenAIJudge(name, args.base_url, args.concurrency, args.max_retries, args.max_new_tokens, mode=args.judge_mode)
+        return OpenAIJudge(name, args.base_url, args.concurrency, args.max_retries, args.max_new_tokens, args.timeout, mode=args.judge_mode)
     return HFJudge(name, args.device, args.dtype, args.batch_size, mode=args.judge_mode)
 
 
@@ -535,9 +497,8 @@ def check_args(args: argparse.Namespace, required: tuple[str, ...]) -> None:
     for flag in required:
         if not getattr(args, flag):
             raise UserError(f"--{flag.replace('_', '-')} is required")
+    openai_server.check_arguments(args, uses_server=False)  # make_judge resolves the URL and key of an openai: judge
     checks = [
-        (args.concurrency >= 1, "--concurrency must be at least 1"),
-        (args.max_retries >= 0, "--max-retries must be 0 or more"),
         (args.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
         (args.batch_size >= 1, "--batch-size must be at least 1"),
     ]
@@ -626,7 +587,7 @@ def run_compare(args: argparse.Namespace) -> None:
                 judgment = {"order": order, "reply": verdict["reply"], "choice": file_choice(order, parse_choice(verdict["reply"]))}
                 judgment.update({k: verdict[k] for k in ("logprob_A", "logprob_B") if k in verdict})
                 it["judgments"].append(judgment)
-            it["preference"] = 1 + sum(win2(j["choice"]) for j in it["judgments"]) / len(it["judgments"])
+            it["preference"] = 1 + share2(it["judgments"])
         else:
             it["judgments"] = [{"file": int(slot), "reply": v["reply"], "score": pointwise_score(v),
                                 **{k: v[k] for k in ("logprob_Yes", "logprob_No") if k in v}} for slot, v in verdicts.items()]
@@ -791,7 +752,7 @@ def run_agreement(args: argparse.Namespace) -> None:
 
 def _judge_arguments(p: argparse.ArgumentParser, batch_size: int) -> None:
     """The flags that choose and drive a judge, the same for compare and judge-agreement."""
-    p.add_argument("--judge", help="openai:MODEL (an OpenAI-compatible API; key from OPENAI_API_KEY) or hf:PATH "
+    p.add_argument("--judge", help="openai:MODEL (the model MODEL of the OpenAI-compatible server at --base-url) or hf:PATH "
                                    "(a local model, from next-token log-probs; hf:smollm2 = the embedded default)")
     p.add_argument("--judge-mode", default=DEFAULT_JUDGE_MODE, choices=MODES,
                    help="pairwise: both replies shown as (A) and (B), in both orders; pointwise: each reply scored alone, "
@@ -799,12 +760,9 @@ def _judge_arguments(p: argparse.ArgumentParser, batch_size: int) -> None:
     p.add_argument("--prompt-format", default="harmless", choices=list(QUESTIONS),
                    help="the question asked: harmless (harmlessness), harmless_helpful (helpfulness on harmless "
                         "prompts), helpful (helpfulness on helpful prompts); default harmless")
-    p.add_argument("--base-url", help="API URL for openai: judges (default $OPENAI_BASE_URL, else OpenAI's)")
     p.add_argument("--seed", type=int, default=0, help="seeds the bootstrap (and compare's single-order figure); default 0")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    g = p.add_argument_group("openai: judges")
-    g.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
-    g.add_argument("--max-retries", type=int, default=6, help="retries of a request on 429, 5xx, timeouts, lost connections (default 6)")
+    g = openai_server.add_arguments(p, backend=False)
     g.add_argument("--max-new-tokens", type=int, default=256,
                    help=f"longest pairwise judge reply (default 256); pointwise asks for one word in at most {POINTWISE_MAX_TOKENS} tokens")
     g = p.add_argument_group("hf: judges")
