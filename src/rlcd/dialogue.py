@@ -160,6 +160,13 @@ def chat_messages(prompt: str, descriptor: str | None) -> list[dict]:
     return messages
 
 
+def dialogue_text(messages: list[dict]) -> str:
+    """The hh-rlhf text of user and assistant messages, "Human: ...\n\nAssistant: ..." (the inverse of
+    `chat_messages` without a descriptor)."""
+    roles = {"user": "Human", "assistant": "Assistant"}
+    return "\n\n".join(f"{roles[m['role']]}: {m['content'].strip()}" for m in messages)
+
+
 def filter_completion(text: str, finish_reason: str, accept_eos: bool = False) -> tuple[str | None, str]:
     """Apply the acceptance filter to a sampled continuation; returns (response or None, reason).
 

@@ -30,7 +30,10 @@ def is_text(value) -> bool:
 
 
 def open_text(path: str | Path, newline: str | None = None):
-    """Open a text file for reading, transparently gunzipping `.gz` files (newline="" for CSV)."""
+    """Open a text file for reading, transparently gunzipping `.gz` files (newline="" for CSV).
+
+    "utf-8-sig": a byte-order mark, which Windows editors and Excel put at the start of UTF-8 files,
+    is dropped instead of becoming part of the first line (where it made JSON unparseable)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file")
@@ -38,8 +41,8 @@ def open_text(path: str | Path, newline: str | None = None):
         raise UserError(f"{path}: is a directory, expected a file")
     try:
         if path.suffix == ".gz":
-            return gzip.open(path, "rt", encoding="utf-8", errors="replace", newline=newline)
-        return open(path, encoding="utf-8", errors="replace", newline=newline)
+            return gzip.open(path, "rt", encoding="utf-8-sig", errors="replace", newline=newline)
+        return open(path, encoding="utf-8-sig", errors="replace", newline=newline)
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
 
@@ -146,10 +149,26 @@ def load_shard(path: Path, repair: bool = False) -> list[dict]:
     return records
 
 
+def _read_umask() -> int:
+    # the only way to read the umask is to set it; done once, at import, before any thread could create a file
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _read_umask()
+FILE_MODE = 0o666 & ~UMASK
+"""The mode of the files rlcd writes: what open() would give (0644 under umask 022), not mkstemp's 0600."""
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a file so that readers see either the old or the new content, never a part."""
+    atomic_write_bytes(path, _encode(path, text))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """`atomic_write_text` for bytes (gzip, Parquet); the file gets the user's umask permissions."""
     path = Path(path)
-    data = _encode(path, text)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -157,6 +176,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise _write_error(path, e) from None
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), FILE_MODE)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -1,15 +1,23 @@
 """Preference tables: `rlcd consolidate` (simulation shards -> table) and the reader every later stage uses.
 
-Table columns follow the original RLCD release, so its published simulated data
-loads as is: `instruction` (the prompt), `input` (empty), `output_1`, `output_2`,
-`preference` (1 or 2: the better output) and, for post-hoc-scored methods,
-`win2_prob` (the probability that output_2 is better). CSV or JSONL, by extension.
+Three layouts (docs/formats.md#preference-table):
+- `standard`, TRL's: `prompt` (the hh-rlhf dialogue up to its last "Assistant:"), `chosen` and `rejected`
+  (each response after one joining space, so prompt + chosen is the whole dialogue);
+- `conversational`, TRL's: `prompt` a list of {"role", "content"} messages, `chosen` and `rejected` a
+  one-message list each;
+- `rlcd`, the original RLCD release's: `instruction` (the prompt), `input` (empty), `output_1`, `output_2`,
+  `preference` (1 or 2: the better output) and, for post-hoc-scored methods, `win2_prob` (the
+  probability that output_2 is better).
+TRL rows carry `chosen_prob` (P(chosen is better); scored methods), `index` and `method` besides; TRL
+ignores columns it does not know. The file's suffix picks the format: CSV, JSONL (gzipped or not) or
+Parquet. The reader takes all of these and hh-rlhf's own rows (two whole dialogues, no prompt).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import io
 import json
 import math
@@ -19,12 +27,17 @@ import zlib
 from collections import Counter
 from pathlib import Path
 
-from rlcd.files import UserError, atomic_write_text, is_text, iter_lines, load_shard, open_text, write_manifest
+from rlcd.dialogue import ASSISTANT, chat_messages, dialogue_text, prompt_from_dialogue
+from rlcd.files import UserError, atomic_write_bytes, is_text, iter_lines, load_shard, open_text, write_manifest
 
 METHODS = ("rlcd", "rlaif", "rlcd_rescore")
 COLUMNS = ["instruction", "input", "output_1", "output_2", "preference"]
 SCORED_COLUMNS = COLUMNS + ["win2_prob"]
 KNOWN_COLUMNS = set(SCORED_COLUMNS) | {"prompt", "chosen", "rejected", "index"}
+TRL_COLUMNS = ["prompt", "chosen", "rejected"]
+FORMATS = ("standard", "conversational", "rlcd")
+SUFFIXES = (".csv", ".csv.gz", ".jsonl", ".jsonl.gz", ".parquet")
+CSV_SUFFIXES = (".csv", ".csv.gz")
 
 
 def order_rng(seed: int, index: int) -> random.Random:
@@ -97,7 +110,7 @@ def consolidate(records: list[dict], data_type: str, seed: int) -> tuple[list[di
             counts["failed"] += 1
             continue
         out = record["outputs"]
-        row = {"instruction": record["prompt"], "input": ""}
+        row = {"instruction": record["prompt"], "input": "", "index": record["index"], "method": data_type}
         if data_type == "rlcd":
             if order_rng(seed, record["index"]).random() < 0.5:
                 row.update(output_1=out["chosen"], output_2=out["rejected"], preference=1)
@@ -110,18 +123,80 @@ def consolidate(records: list[dict], data_type: str, seed: int) -> tuple[list[di
     return rows, counts
 
 
-def write_table(rows: list[dict], path: Path, scored: bool) -> None:
-    columns = SCORED_COLUMNS if scored else COLUMNS
-    if path.suffix == ".jsonl":
-        text = "".join(json.dumps({c: r[c] for c in columns}, ensure_ascii=False) + "\n" for r in rows)
+def table_suffix(path: str | Path) -> str:
+    """The suffix that picks a table's format; any other name is refused before work starts."""
+    name = Path(path).name.lower()
+    for suffix in SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return suffix
+    raise UserError(f"{path}: unknown table suffix; the suffix picks the format: {', '.join(SUFFIXES[:-1])} or {SUFFIXES[-1]}")
+
+
+def chat_style(manifests: list[dict]) -> bool:
+    """Whether every shard was simulated with --prompt-style chat (through the model's chat template)."""
+    styles = {m["config"].get("prompt_style", "raw") if isinstance(m, dict) and isinstance(m.get("config"), dict) else "raw"
+              for m in manifests}
+    return styles == {"chat"}
+
+
+def table_records(rows: list[dict], scored: bool, layout: str) -> tuple[list[str], list[dict]]:
+    """(columns, records) of consolidated rows in a layout; TRL's put the preferred output in `chosen`."""
+    if layout == "rlcd":
+        columns = SCORED_COLUMNS if scored else COLUMNS
+        return columns, [{c: r[c] for c in columns} for r in rows]
+    columns = TRL_COLUMNS + (["chosen_prob"] if scored else []) + ["index", "method"]
+    records = []
+    for r in rows:
+        first = r["preference"] == 1
+        chosen, rejected = (r["output_1"], r["output_2"]) if first else (r["output_2"], r["output_1"])
+        if layout == "standard":  # TRL joins prompt + chosen as they are: the space makes them the hh-rlhf dialogue
+            record = {"prompt": r["instruction"], "chosen": " " + chosen, "rejected": " " + rejected}
+        else:
+            record = {"prompt": chat_messages(r["instruction"], None), "chosen": [{"role": "assistant", "content": chosen}],
+                      "rejected": [{"role": "assistant", "content": rejected}]}
+        if scored:
+            record["chosen_prob"] = 1.0 - r["win2_prob"] if first else r["win2_prob"]
+        record.update(index=r.get("index"), method=r.get("method"))
+        records.append(record)
+    return columns, records
+
+
+def write_table(rows: list[dict], path: Path, scored: bool, layout: str = "rlcd") -> None:
+    """Write consolidated rows in a layout (`FORMATS`), in the format the suffix picks (`SUFFIXES`)."""
+    suffix = table_suffix(path)
+    if layout == "conversational" and suffix in CSV_SUFFIXES:
+        raise UserError(f"{path}: the conversational layout holds message lists, which CSV cannot; write .jsonl, .jsonl.gz or .parquet")
+    columns, records = table_records(rows, scored, layout)
+    if suffix == ".parquet":
+        data = _parquet_bytes(columns, records, layout)
+    elif suffix.startswith(".jsonl"):
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
     else:
         buf = io.StringIO()
         # every text cell quoted: with the minimal quoting a lone CR inside an output went out bare and split the row
-        writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)
+        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)
         writer.writeheader()
-        writer.writerows(rows)
-        text = buf.getvalue()
-    atomic_write_text(path, text)
+        writer.writerows(records)
+        data = buf.getvalue().encode("utf-8")
+    if suffix.endswith(".gz"):
+        data = gzip.compress(data, mtime=0)  # mtime 0: the same rows give the same bytes (pipeline keys hash inputs)
+    atomic_write_bytes(path, data)
+
+
+def _parquet_bytes(columns: list[str], records: list[dict], layout: str) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    text = pa.string()
+    messages = pa.list_(pa.struct([("role", text), ("content", text)]))
+    side = messages if layout == "conversational" else text
+    types = {"instruction": text, "input": text, "output_1": text, "output_2": text, "preference": pa.int64(),
+             "win2_prob": pa.float64(), "prompt": side, "chosen": side, "rejected": side, "chosen_prob": pa.float64(),
+             "index": pa.int64(), "method": text}
+    table = pa.Table.from_pylist(records, schema=pa.schema([(c, types[c]) for c in columns]))
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
 
 
 def summarize(rows: list[dict], counts: Counter) -> dict:
@@ -144,43 +219,118 @@ def summarize(rows: list[dict], counts: Counter) -> dict:
 
 
 def read_table(path: str | Path) -> tuple[list[dict], Counter]:
-    """Read a preference table (CSV or JSONL) into rows of prompt, output_1, output_2, preference, win2_prob.
+    """Read a preference table into rows of prompt, output_1, output_2, preference, win2_prob.
 
-    Missing or unknown columns, rows of the wrong shape and non-text cells are errors. Rows
-    with an empty prompt or response, text that is not valid Unicode, a preference other than
-    1 or 2, or a win2_prob that is not a number in [0, 1] are skipped and counted (returned as a
-    Counter of reasons): every row is either returned or counted.
+    CSV, JSONL (.gz too) or Parquet (by suffix; other names are read as CSV), in any layout `pair_of`
+    takes. Missing or unknown columns, rows of the wrong shape and cells of the wrong type are errors.
+    Rows with an empty prompt or response, text that is not valid Unicode, a preference other than
+    1 or 2, a probability that is not a number in [0, 1], or that have no hh-rlhf form are skipped
+    and counted (returned as a Counter of reasons): every row is either returned or counted.
     """
     path = Path(path)
     rows, skipped = [], Counter()
-    for where, rec in _iter_table(path):
-        prompt = rec.get("instruction", rec.get("prompt"))
-        if "chosen" in rec and "output_1" not in rec:
-            rec = {**rec, "output_1": rec["chosen"], "output_2": rec.get("rejected"), "preference": 1}
-        out1, out2 = rec.get("output_1"), rec.get("output_2")
-        if not isinstance(prompt, str) or not isinstance(out1, str) or not isinstance(out2, str):
-            raise UserError(f"{where}: prompt and both outputs must be text")
-        preference = _preference(rec.get("preference"))
-        win2 = None if rec.get("win2_prob") in (None, "") else _probability(rec["win2_prob"])
-        if not all(map(is_text, (prompt, out1, out2))):
-            reason = "text not valid Unicode (lone surrogate)"
-        elif not prompt.strip():
-            reason = "empty prompt"
-        elif not out1.strip() or not out2.strip():
-            reason = "empty response"
-        elif preference is None:
-            reason = "preference not 1 or 2"
-        elif win2 is not None and math.isnan(win2):
-            reason = "win2_prob not a number in [0, 1]"
-        else:
-            reason = None
-        if reason:
-            skipped[reason] += 1
-            continue
-        rows.append({"prompt": prompt, "output_1": out1, "output_2": out2, "preference": preference, "win2_prob": win2})
+    for where, rec in iter_table(path):
+        try:
+            rows.append(pair_of(rec))
+        except Malformed as e:
+            raise UserError(f"{where}: {e}") from None
+        except Unusable as e:
+            skipped[str(e)] += 1
     if not rows:
         raise UserError(f"{path}: no usable rows ({dict(skipped) or 'empty table'})")
     return rows, skipped
+
+
+class Unusable(ValueError):
+    """A row to skip; the message is the reason it is counted under."""
+
+
+class Malformed(Unusable):
+    """A cell of the wrong type: the file is not the table it claims to be."""
+
+
+def pair_of(rec: dict) -> dict:
+    """One table row, in any layout, as {prompt, output_1, output_2, preference, win2_prob}.
+
+    Layouts: the original release's (`output_1`, `output_2`, `preference`, optional `win2_prob`);
+    TRL's standard (`prompt`, `chosen`, `rejected` text: one leading space of each response, which joins
+    it to the prompt, is dropped) and conversational (message lists, turned into hh-rlhf text; with no
+    `prompt` column, whole conversations); hh-rlhf's (`chosen`, `rejected` whole dialogues, no prompt:
+    split at the last "Assistant:"). `instruction` may stand for `prompt`. A TRL row's `chosen_prob`
+    (P(chosen is better)) becomes a soft label: output_2 = chosen, win2_prob = chosen_prob.
+    """
+    prompt = rec.get("instruction", rec.get("prompt"))
+    if "output_1" in rec or "chosen" not in rec:
+        preference = _preference(rec.get("preference"))
+        win2 = None if rec.get("win2_prob") in (None, "") else _probability(rec["win2_prob"])
+        return _checked(prompt, rec.get("output_1"), rec.get("output_2"), preference, win2, "win2_prob")
+    chosen, rejected = rec.get("chosen"), rec.get("rejected")
+    if any(isinstance(v, list) for v in (prompt, chosen, rejected)):
+        prompt, chosen, rejected = _conversation_texts(prompt, chosen, rejected)
+    if prompt is None:
+        if not isinstance(chosen, str) or not isinstance(rejected, str):
+            raise Malformed("chosen and rejected must be text")
+        prompt, chosen, rejected = _split_dialogues(chosen, rejected)
+    elif isinstance(chosen, str) and isinstance(rejected, str):
+        chosen, rejected = chosen.removeprefix(" "), rejected.removeprefix(" ")
+    prob = None if rec.get("chosen_prob") in (None, "") else _probability(rec["chosen_prob"])
+    if prob is None:
+        return _checked(prompt, chosen, rejected, 1, None, "chosen_prob")
+    return _checked(prompt, rejected, chosen, 2, prob, "chosen_prob")
+
+
+def _checked(prompt, out1, out2, preference, prob, prob_name: str) -> dict:
+    if not isinstance(prompt, str) or not isinstance(out1, str) or not isinstance(out2, str):
+        raise Malformed("prompt and both outputs must be text")
+    if not all(map(is_text, (prompt, out1, out2))):
+        raise Unusable("text not valid Unicode (lone surrogate)")
+    if not prompt.strip():
+        raise Unusable("empty prompt")
+    if not out1.strip() or not out2.strip():
+        raise Unusable("empty response")
+    if preference is None:
+        raise Unusable("preference not 1 or 2")
+    if prob is not None and math.isnan(prob):
+        raise Unusable(f"{prob_name} not a number in [0, 1]")
+    return {"prompt": prompt, "output_1": out1, "output_2": out2, "preference": preference, "win2_prob": prob}
+
+
+def _split_dialogues(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """(prompt, chosen reply, rejected reply) of two whole dialogues that differ only in the last reply."""
+    try:
+        prompts = [prompt_from_dialogue(text) for text in (chosen, rejected)]
+    except ValueError as e:
+        raise Unusable(f"dialogue: {e}") from None
+    prompt = min(prompts, key=len)  # a reply that itself holds "Assistant:" moves its own dialogue's cut too far
+    texts = [text.lstrip() for text in (chosen, rejected)]
+    if not all(text.startswith(prompt) for text in texts):
+        raise Unusable("chosen and rejected differ before the last reply")
+    return prompt, texts[0][len(prompt):].removeprefix(" "), texts[1][len(prompt):].removeprefix(" ")
+
+
+def _is_messages(value) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
+
+
+def _conversation_texts(prompt, chosen, rejected) -> tuple[str | None, str, str]:
+    """TRL's conversational row as hh-rlhf text: (prompt, chosen, rejected), or (None, whole dialogue,
+    whole dialogue) when there is no prompt (TRL's implicit prompt)."""
+    for name, value in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+        if not (_is_messages(value) or (name == "prompt" and value is None)):
+            raise Malformed(f"field '{name}' is not a list of {{role, content}} messages")
+    roles = {m["role"] for value in (prompt or [], chosen, rejected) for m in value} - {"user", "assistant"}
+    if roles:
+        raise Unusable(f"message role '{min(roles)}' (hh-rlhf dialogues have only user and assistant turns)")
+    if prompt is None:
+        if not chosen or not rejected or chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+            raise Unusable("conversation does not end with an assistant message")
+        return None, dialogue_text(chosen), dialogue_text(rejected)
+    if not prompt or prompt[-1]["role"] != "user":
+        raise Unusable("prompt does not end with a user message")
+    if len(chosen) != 1 or len(rejected) != 1 or chosen[0]["role"] != "assistant" or rejected[0]["role"] != "assistant":
+        raise Unusable("chosen and rejected are not one assistant message each")
+    return dialogue_text(prompt) + ASSISTANT, chosen[0]["content"], rejected[0]["content"]
 
 
 def _preference(value) -> int | None:
@@ -205,17 +355,13 @@ def _probability(value) -> float:
     return number if 0.0 <= number <= 1.0 else math.nan
 
 
-def _iter_table(path: Path):
-    def check_columns(columns, where):
-        unknown = set(columns) - KNOWN_COLUMNS
-        if unknown:
-            raise UserError(f"{where}: unknown column(s) {sorted(map(str, unknown))}; expected {SCORED_COLUMNS}")
-        if not ({"instruction", "prompt"} & set(columns)):
-            raise UserError(f"{where}: missing column 'instruction' (or 'prompt')")
-        if not ({"output_1", "output_2", "preference"} <= set(columns) or {"chosen", "rejected"} <= set(columns)):
-            raise UserError(f"{where}: missing columns: need output_1, output_2, preference (or chosen, rejected)")
+def is_jsonl(path: str | Path) -> bool:
+    return Path(path).name.lower().removesuffix(".gz").endswith(".jsonl")
 
-    if path.name.removesuffix(".gz").endswith(".jsonl"):
+
+def iter_table(path: Path):
+    """(where, record) for every row of a CSV, JSONL or Parquet table, its columns checked (`check_columns`)."""
+    if is_jsonl(path):
         for lineno, line in iter_lines(path):
             try:
                 rec = json.loads(line)
@@ -226,6 +372,11 @@ def _iter_table(path: Path):
             check_columns(rec.keys(), f"{path}:{lineno}")
             yield f"{path}:{lineno}", rec
         return
+    if path.name.lower().endswith(".parquet"):
+        yield from _iter_parquet(path)
+        return
+    if path.name.lower().endswith(".parquet.gz"):
+        raise UserError(f"{path}: a gzipped Parquet file; Parquet compresses its own columns, so gunzip it")
     csv.field_size_limit(sys.maxsize)
     with open_text(path, newline="") as f:  # newline="": a line break inside a quoted cell stays as written
         reader = csv.DictReader(f)
@@ -244,28 +395,73 @@ def _iter_table(path: Path):
             raise UserError(f"{path}: unreadable ({e})") from None
 
 
+def _iter_parquet(path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    open_text(path).close()  # the same one-line errors for a missing file or a directory
+    try:
+        table = pq.ParquetFile(path)
+        check_columns(table.schema_arrow.names, str(path))
+        n = 0
+        for batch in table.iter_batches(batch_size=1024):
+            for rec in batch.to_pylist():
+                n += 1
+                yield f"{path}: row {n}", rec
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+
+
+def check_columns(columns, where: str) -> None:
+    """A table's columns: the original release's (unknown ones refused, a misspelt column would be lost) or
+    TRL's and hh-rlhf's `chosen` and `rejected` (other columns ignored, as TRL ignores them)."""
+    columns = set(map(str, columns))
+    if {"output_1", "output_2", "preference"} <= columns:
+        unknown = columns - KNOWN_COLUMNS
+        if unknown:
+            raise UserError(f"{where}: unknown column(s) {sorted(unknown)}; expected {SCORED_COLUMNS}")
+        if not ({"instruction", "prompt"} & columns):
+            raise UserError(f"{where}: missing column 'instruction' (or 'prompt')")
+    elif not {"chosen", "rejected"} <= columns:
+        raise UserError(f"{where}: missing columns: need output_1, output_2, preference (or chosen, rejected)")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--in-dir", help="directory written by rlcd simulate")
-    p.add_argument("--out-csv", "--out-file", dest="out_csv", help="table to write (.csv, or .jsonl for JSON lines)")
+    p.add_argument("--out-file", "--out-csv", dest="out_csv", metavar="FILE",
+                   help="table to write; its suffix picks the format: .csv, .csv.gz, .jsonl, .jsonl.gz or .parquet")
+    p.add_argument("--format", choices=FORMATS,
+                   help="standard: TRL's prompt/chosen/rejected text; conversational: TRL's message lists; rlcd: the original "
+                        "release's columns (default: conversational for --prompt-style chat simulations, except in CSV; else standard)")
     p.add_argument("--data-type", choices=METHODS, help="simulation method of the records")
-    p.add_argument("--seed", type=int, default=42, help="seed for the random order of rlcd pairs (default 42)")
+    p.add_argument("--seed", type=int, default=42, help="seed for the random order of rlcd pairs in --format rlcd tables (default 42)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
 
 def run(args: argparse.Namespace) -> None:
-    for flag in ("in_dir", "out_csv", "data_type"):
+    for flag, name in (("in_dir", "--in-dir"), ("out_csv", "--out-file (or --out-csv)"), ("data_type", "--data-type")):
         if not getattr(args, flag):
-            raise UserError(f"--{flag.replace('_', '-')} is required")
-    records, manifests = read_shards(Path(args.in_dir))
-    rows, counts = consolidate(records, args.data_type, args.seed)
+            raise UserError(f"{name} is required")
     out = Path(args.out_csv)
-    write_table(rows, out, scored=args.data_type != "rlcd")
+    suffix = table_suffix(out)  # before any work: a name the writer cannot honour is refused at once
+    if args.format == "conversational" and suffix in CSV_SUFFIXES:
+        raise UserError(f"{out}: --format conversational holds message lists, which CSV cannot; write .jsonl, .jsonl.gz or .parquet")
+    records, manifests = read_shards(Path(args.in_dir))
+    # chat-style data is TRL's conversational data (TRL applies the chat template it was made with); CSV cells hold
+    # text, not message lists, so there it goes in the standard layout
+    layout = args.format or ("conversational" if chat_style(manifests) and suffix not in CSV_SUFFIXES else "standard")
+    if not args.format and chat_style(manifests) and layout == "standard":
+        print("chat-style records written in the standard layout, as CSV cells hold no message lists "
+              "(name the table .jsonl or .parquet for the conversational one)", file=sys.stderr)
+    rows, counts = consolidate(records, args.data_type, args.seed)
+    write_table(rows, out, scored=args.data_type != "rlcd", layout=layout)
     summary = summarize(rows, counts)
     summary["skipped_prompts"] = dict(sum((Counter(m.get("counts", {}).get("skipped", {})) for m in manifests), Counter()))
-    write_manifest(out.with_name(out.name + ".manifest.json"), in_dir=args.in_dir, data_type=args.data_type, seed=args.seed, counts=summary)
+    write_manifest(out.with_name(out.name + ".manifest.json"), in_dir=args.in_dir, data_type=args.data_type, format=layout,
+                   seed=args.seed, counts=summary)
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"{summary['pairs']} pairs, {summary['failed']} failed prompts, skipped prompts {summary['skipped_prompts'] or 0}")
+        print(f"{summary['pairs']} pairs ({layout} layout), {summary['failed']} failed prompts, skipped prompts {summary['skipped_prompts'] or 0}")
         print(f"preference=1 in {summary['preference_1_fraction']} of pairs; mean chars chosen {summary['mean_chars_chosen']}, rejected {summary['mean_chars_rejected']}")
     print(out)

@@ -575,41 +575,65 @@ def split_dialogue(text: str) -> tuple[str, str] | None:
 
 
 def read_hh_pairs(path: str | Path, num_pairs: int | None) -> tuple[list[tuple[str, str]], Counter, list[str]]:
-    """The first num_pairs usable hh-rlhf pairs as formatted (chosen, rejected) RM inputs, with the
-    skipped lines counted by reason and described as `file:line: reason`."""
+    """The first num_pairs usable pairs as formatted (chosen, rejected) RM inputs, with the skipped
+    lines counted by reason and described as `file:line: reason`.
+
+    hh-rlhf JSONL (`chosen` and `rejected` whole dialogues, each cut at its own last "Assistant:"), or any
+    preference table `preferences.read_table` reads (CSV, JSONL, Parquet; TRL's standard and
+    conversational rows, the original release's), oriented by its preference. In JSONL a line that is not
+    a JSON object is skipped; in a table, rows it cannot use are skipped, bad columns are an error.
+    """
+    from rlcd.preferences import Unusable, is_jsonl, iter_table, pair_of
+
     pairs, skipped, problems = [], Counter(), []
 
-    def skip(lineno: int, reason: str) -> None:
+    def skip(where: str, reason: str) -> None:
         skipped[reason] += 1
-        problems.append(f"{path}:{lineno}: {reason}")
+        problems.append(f"{where}: {reason}")
 
-    for lineno, line in iter_lines(path):
+    def jsonl_records():
+        for lineno, line in iter_lines(path):
+            if num_pairs is not None and len(pairs) >= num_pairs:
+                return  # lines after the last pair taken are neither read nor counted
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                skip(f"{path}:{lineno}", "not JSON")
+                continue
+            if not isinstance(rec, dict):
+                skip(f"{path}:{lineno}", "not a JSON object")
+                continue
+            yield f"{path}:{lineno}", rec
+
+    for where, rec in jsonl_records() if is_jsonl(path) else iter_table(Path(path)):
         if num_pairs is not None and len(pairs) >= num_pairs:
             break
+        hh_row = not ({"prompt", "instruction", "output_1"} & rec.keys()) and not any(isinstance(rec.get(f), list) for f in ("chosen", "rejected"))
+        if hh_row:  # read as they always were: each dialogue cut at its own last "Assistant:"
+            texts = []
+            for field in ("chosen", "rejected"):
+                value = rec.get(field)
+                if not isinstance(value, str):
+                    skip(where, f"field '{field}' missing or not text")
+                    break
+                if not is_text(value):
+                    skip(where, f"field '{field}' is not valid Unicode")
+                    break
+                parts = split_dialogue(value)
+                if parts is None:
+                    skip(where, f"field '{field}' has no Assistant turn")
+                    break
+                texts.append(format_rm_input(*parts))
+            else:
+                pairs.append((texts[0], texts[1]))
+            continue
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            skip(lineno, "not JSON")
+            row = pair_of(rec)
+        except Unusable as e:
+            skip(where, str(e))
             continue
-        if not isinstance(rec, dict):
-            skip(lineno, "not a JSON object")
-            continue
-        texts = []
-        for field in ("chosen", "rejected"):
-            value = rec.get(field)
-            if not isinstance(value, str):
-                skip(lineno, f"field '{field}' missing or not text")
-                break
-            if not is_text(value):
-                skip(lineno, f"field '{field}' is not valid Unicode")
-                break
-            parts = split_dialogue(value)
-            if parts is None:
-                skip(lineno, f"field '{field}' has no Assistant turn")
-                break
-            texts.append(format_rm_input(*parts))
-        else:
-            pairs.append((texts[0], texts[1]))
+        chosen, rejected = (row["output_1"], row["output_2"]) if row["preference"] == 1 else (row["output_2"], row["output_1"])
+        pairs.append((format_rm_input(row["prompt"], chosen), format_rm_input(row["prompt"], rejected)))
     return pairs, skipped, problems
 
 
