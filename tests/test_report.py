@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import subprocess
+import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
+from unittest import mock
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from rlcd.cli import main
+from rlcd.text import terminal_safe
+from test_untrusted_text import CONTROL, hostile, markdown_parser, one_line, text_of  # hostile text, and reading Markdown back
 
 LONG_OUTPUT = "I can help with that. " * 60  # over the collapse limit: shown under <details>
 HOSTILE = "Sure: <script>alert('x')</script> & </details></div> | done"  # must come out as text
@@ -101,8 +109,8 @@ def test_full_run_has_every_section_table_and_plot(tmp_path, capsys):
     for png in ["ppo_curves.png", "win_rates.png", "scores.png"]:
         assert (run / "report" / png).stat().st_size > 5000 and f'src="{png}"' in page and f"]({png})" in md
     # figures as computed from the fixture files
-    assert "| rlcd | 200 | 62.5% [55.5, 69.0] | 0.571 | 0 | 2 |" in md  # RM agreement
-    assert "| rlcd-ppo vs base | smollm2 | 3 | 62.5% [55.0, 70.0] | not measured | 2/0/1 | 60.0% | 55.0% | 1 |" in md
+    assert r"| rlcd | 200 | 62.5% \[55.5, 69.0] | 0.571 | 0 | 2 |" in md  # RM agreement
+    assert r"| rlcd-ppo vs base | smollm2 | 3 | 62.5% \[55.0, 70.0] | not measured | 2/0/1 | 60.0% | 55.0% | 1 |" in md
     assert "| rlaif | 2 | 0 | 100.0% | 1.5 | 2.0 | 50.0% |" in md  # preferred: 'x y', 'x'; other: 'z', 'y z w'
     assert "| rlcd | 2 | 0 | 0.0% | 4.0 | 2.0 | 100.0% |" in md
     assert "| simulate | rlcd | done | 1 h 02 min | 1 |" in md and "| total |  |  | 1 h 03 min |  |" in md
@@ -133,12 +141,12 @@ def test_win_rates_show_the_judges_agreement_and_an_uninformative_judge_is_not_a
     barh = Axes.barh
     monkeypatch.setattr(Axes, "barh", lambda self, y, width, **kw: bars.append((y, width)) or barh(self, y, width, **kw))
     _, page, md = report(capsys, str(run))
-    assert "| rlcd-ppo vs base | smollm2 | 3 | 62.5% [55.0, 70.0] | 61.0% [58.0, 64.0], 1000 test pairs | 2/0/1 |" in md
+    assert r"| rlcd-ppo vs base | smollm2 | 3 | 62.5% \[55.0, 70.0] | 61.0% \[58.0, 64.0], 1000 test pairs | 2/0/1 |" in md
     assert ("| rlcd-ppo vs sft | smollm2 | 3 | not a result: judge uninformative (picked the first option 100% of the time) "
             "| not measured |") in md
     assert "| rlcd-ppo vs rlaif-ppo | smollm2 | 3 | not a result: judge uninformative (picked the first option 97% of the time) |" in md
-    assert "| rlcd-ppo vs dpo | smollm2 (pointwise) | 3 | 70.0% [60.0, 80.0] | not measured | 2/0/1 | — | — | 1 |" in md
-    assert "50.0% [50.0, 50.0]" not in md and "not a result" in page
+    assert r"| rlcd-ppo vs dpo | smollm2 (pointwise) | 3 | 70.0% \[60.0, 80.0] | not measured | 2/0/1 | — | — | 1 |" in md
+    assert r"50.0% \[50.0, 50.0]" not in md and "50.0% [50.0, 50.0]" not in page and "not a result" in page
     # the plot has a bar for the two informative comparisons only (base, then dpo: files in name order)
     assert bars == [(0, 0.625), (1, 0.7)]
 
@@ -247,3 +255,116 @@ def test_report_renders_in_headless_chromium(tmp_path, capsys):
     assert sorted(images) == ["ppo_curves.png", "scores.png", "win_rates.png"]
     assert all((html_path.parent / src).is_file() for src in images)
     assert len(parser.tags["details"]) == 2  # the long output and the config
+
+
+# --------------------------------------------------------------------------------------------------
+# Untrusted text stays text: outputs, prompts and names read from the run directory, fuzzed
+# --------------------------------------------------------------------------------------------------
+
+MD_TOKENS = {"heading_open", "heading_close", "paragraph_open", "paragraph_close", "inline", "fence", "bullet_list_open",
+             "bullet_list_close", "list_item_open", "list_item_close", "table_open", "table_close", "thead_open", "thead_close",
+             "tbody_open", "tbody_close", "tr_open", "tr_close", "th_open", "th_close", "td_open", "td_close"}
+MD_INLINE = {"text", "text_special", "code_inline", "strong_open", "strong_close", "image"}  # code, bold, images: the report's own
+HTML_TAGS = {"html", "head", "meta", "title", "style", "body", "main", "h1", "h2", "h3", "h4", "p", "nav", "a", "div", "strong", "ul",
+             "li", "section", "span", "table", "thead", "tbody", "tr", "th", "td", "img", "details", "summary", "pre", "code"}
+file_name = hostile.map(lambda s: s.replace("/", "∕").replace("\x00", "␀")[:40])  # any name a file can have
+
+
+class _Text(HTMLParser):
+    """The tags of a page, the text of its table cells (by table) and of its prompt and output boxes."""
+
+    def __init__(self):
+        super().__init__()
+        self.tags, self.tables, self.boxes, self.odd = set(), [], [], []
+        self.cell = self.box = None
+        self.in_summary = False
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.add(tag)
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self.cell = ""
+        elif tag == "div" and dict(attrs).get("class") in ("prompt", "output"):
+            self.box = ""
+        elif tag == "summary":
+            self.in_summary = True
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th"):
+            self.tables[-1][-1].append(self.cell)
+            self.cell = None
+        elif tag == "div" and self.box is not None:
+            self.boxes.append(self.box)
+            self.box = None
+        elif tag == "summary":
+            self.in_summary = False
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.cell += data
+        if self.box is not None and not self.in_summary:
+            self.box += data
+
+    def handle_comment(self, data):
+        self.odd.append(data)
+
+    handle_pi = unknown_decl = handle_comment
+
+
+@settings(max_examples=30, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(texts=["```\n<script>alert(1)</script>\n# heading\n```"] * 9, names=["\x1b[2J\r# x", "\n<b>"])  # the issue's case
+@given(texts=st.lists(hostile, min_size=9, max_size=9), names=st.lists(file_name, min_size=2, max_size=2))
+def test_untrusted_text_stays_text_in_report_md_html_and_stderr(texts, names):
+    import rlcd.report as rpt  # the module: `from rlcd import report` is the function of rlcd's API
+
+    prompt, out1, out2, name1, name2, judge, reason, split, config = texts
+    with tempfile.TemporaryDirectory() as d, mock.patch.object(rpt, "plot_win_rates"):  # plots hold no text from the run
+        run = Path(d) / f"run{names[0]}"
+        write(run / "config.yaml", config)
+        write(run / "pipeline.json", {"stages": [{"stage": judge, "name": name1, "status": reason, "seconds": 1.0, "outputs": []}]})
+        prompts = [f"{i}{prompt}" for i in range(2)]
+        write(run / "outputs/base.json", [{"instruction": p, "output": o} for p, o in zip(prompts, [out1, out2])])
+        write(run / f"outputs/s{names[1]}.json", [{"instruction": p, "output": o} for p, o in zip(prompts, [out2 + out1, ""])])
+        write(run / "compare/base-vs-s.json", {**compare(name1, name2, 0.5, [0.4, 0.6], judge_uninformative=reason,
+                                                         judge_agreement={"agreement": 0.6, "ci95": [0.5, 0.7], "n": 9, "split": split}),
+                                               "judge": judge})
+        write(run / f"compare/bad{names[1]}.json", "{")  # malformed: its path is quoted on a skipped line
+        stderr = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(stderr):
+            html_path = rpt.write_report(run, run / "report")
+        md, page = html_path.with_name("report.md").read_text(encoding="utf-8"), html_path.read_text(encoding="utf-8")
+        loaded = rpt.load_run(run)
+        sections, _ = rpt.build_sections(loaded, run / "report", 3)
+    tables = [[b[1], *b[2]] for _, _, blocks in sections for b in blocks if b[0] == "table"]
+    boxes = [text.strip() for _, _, blocks in sections for b in blocks if b[0] == "examples"
+             for prompt, items in b[1] for text in [prompt, *(it["output"] for it in items)]]
+    fences = boxes + [b[2] for _, _, blocks in sections for b in blocks if b[0] == "pre"]
+    assert loaded.skipped and out1.strip() in fences and ["base", f"s{names[1]}"] == list(loaded.outputs)  # not vacuous
+
+    # report.md, parsed back: only the report's own structure; every untrusted string inside a code block or a text node
+    tokens = markdown_parser().parse(md)
+    assert {t.type for t in tokens} <= MD_TOKENS
+    assert {c.type for t in tokens if t.type == "inline" for c in t.children} <= MD_INLINE
+    headings = [text_of(tokens[i + 1]) for i, t in enumerate(tokens) if t.type == "heading_open"]
+    assert headings == [one_line(f"rlcd report: {run.name}"), *[h for _, heading, blocks in sections for h in
+                        [heading, *[f"Prompt {n}" for b in blocks if b[0] == "examples" for n in range(1, len(b[1]) + 1)]]]]
+    assert [t.content for t in tokens if t.type == "fence"] == [terminal_safe(text) + "\n" for text in fences]
+    cells = [text_of(tokens[i + 1]) for i, t in enumerate(tokens) if t.type in ("th_open", "td_open")]
+    assert cells == [one_line(cell) for table in tables for row in table for cell in row]
+    items = [i for i, t in enumerate(tokens) if t.type == "list_item_open"][:len(loaded.skipped)]  # then the missing inputs
+    assert [text_of(tokens[i + 2]) for i in items] == [one_line(line) for line in loaded.skipped]
+
+    # report.html: escaped everywhere; the same text in its tables and boxes
+    assert "<script" not in page.lower()
+    dom = _Text()
+    dom.feed(page)
+    assert dom.tags <= HTML_TAGS and not dom.odd
+    assert dom.tables == [[[terminal_safe(cell) for cell in row] for row in table] for table in tables]
+    assert dom.boxes == [terminal_safe(text) for text in boxes]
+
+    # stderr: one line per skipped input, with no control character a terminal would act on
+    lines = stderr.getvalue().splitlines()
+    assert len(lines) == len(loaded.skipped) and all(line.startswith("skipped ") and not CONTROL.search(line) for line in lines)

@@ -8,6 +8,11 @@ top of the page and on stderr. A torn last line of a PPO log that is still being
 
 The HTML page is self-contained (inline CSS, no scripts, no external resources); its plots are PNG
 files beside it, drawn with matplotlib's Agg canvas.
+
+Everything read from the run directory is untrusted text (the negative prompts ask for harmful outputs by
+design): outputs, prompts, system and judge names, judge reasons, error messages quoting file names. It is
+shown as text on both pages, whatever it holds (rlcd.text: code blocks no fence inside can close, escaped
+table cells and lines; html.escape), with terminal control characters made visible.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from pathlib import Path
 
 from rlcd import __version__
 from rlcd.files import UserError, atomic_write_text, load_shard, now, open_text, write_manifest
+from rlcd.text import code_block, md_inline, terminal_safe
 
 PPO_PANELS = [  # log.jsonl key, panel title
     ("reward_mean", "reward (reward_mean)"),
@@ -475,18 +481,22 @@ def build_sections(run: Run, out_dir: Path, examples: int) -> tuple[list, list[s
 # --------------------------------------------------------------------------------------------------
 
 
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+SKIPPED_HEADING = "Skipped inputs (malformed; left out of this report)"
+MISSING_HEADING = "Not yet available"
+
+# What the renderers trust: a "p" block, a missing-input line and an image are written by this module and
+# may use `code` spans. Everything read from the run directory (outputs, prompts, names, judge reasons,
+# error messages quoting file names) goes in as text: a table cell, a "pre" or "examples" block, a skipped
+# line, the title and intro, escaped by rlcd.text (Markdown) or html.escape (HTML).
 
 
-def _fence(text: str) -> str:
-    """A fenced code block that no run of backticks inside text can close."""
-    ticks = "`" * max(3, 1 + max((len(m) for m in re.findall(r"`+", text)), default=0))
-    return f"{ticks}text\n{text}\n{ticks}"
-
-
-def render_markdown(title: str, intro: list[str], sections: list) -> str:
-    out = [f"# {title}", "", *intro, ""]
+def render_markdown(title: str, intro: list[str], sections: list, skipped: list[str], missing: list[str]) -> str:
+    out = [f"# {md_inline(title)}", ""]
+    for line in intro:
+        out += [md_inline(line), ""]
+    for heading, lines, as_text in ((SKIPPED_HEADING, skipped, True), (MISSING_HEADING, missing, False)):
+        if lines:
+            out += [f"**{heading}**", "", *[f"- {md_inline(line) if as_text else line}" for line in lines], ""]
     for _, heading, blocks in sections:
         out += [f"## {heading}", ""]
         for block in blocks:
@@ -495,21 +505,21 @@ def render_markdown(title: str, intro: list[str], sections: list) -> str:
                 out += [block[1], ""]
             elif kind == "table":
                 _, header, rows = block
-                out.append("| " + " | ".join(map(_md_cell, header)) + " |")
+                out.append("| " + " | ".join(map(md_inline, header)) + " |")
                 out.append("|" + "---|" * len(header))
-                out += ["| " + " | ".join(map(_md_cell, row)) + " |" for row in rows]
+                out += ["| " + " | ".join(map(md_inline, row)) + " |" for row in rows]
                 out.append("")
             elif kind == "img":
                 out += [f"![{block[2]}]({block[1]})", ""]
             elif kind == "pre":
-                out += [f"`{block[1]}`:", "", _fence(block[2]), ""]
+                out += [f"`{block[1]}`:", "", code_block(block[2]), ""]
             elif kind == "examples":
                 _, examples, systems = block
                 for n, (prompt, items) in enumerate(examples, 1):
-                    out += [f"### Prompt {n}", "", _fence(prompt.strip()), ""]
+                    out += [f"### Prompt {n}", "", code_block(prompt.strip()), ""]
                     for system, item in zip(systems, items):
                         score = f" (RM score {item['score']:.3f})" if "score" in item else ""
-                        out += [f"**{system}**{score}", "", _fence(item["output"].strip()), ""]
+                        out += [f"**{md_inline(system) or '(unnamed)'}**{score}", "", code_block(item["output"].strip()), ""]
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -549,9 +559,14 @@ pre { background: #f6f8fa; padding: 0.8em 1em; overflow-x: auto; font-size: 0.85
 """
 
 
-def _inline(text: str) -> str:
-    """Escaped text with `code` spans, the only markup section paragraphs use."""
-    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+def _inline(markup: str) -> str:
+    """This module's own text with `code` spans, the only markup paragraphs and missing-input lines use."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(markup))
+
+
+def _text(text: str) -> str:
+    """Untrusted text as HTML: escaped, control characters shown as in report.md."""
+    return html.escape(terminal_safe(text))
 
 
 _NUMERIC = re.compile(r"^[-+]?[\d.,]+%?( \[[-\d., ]+\])?( s| min.*| h.*)?$|^—$|^\d+/\d+/\d+$")
@@ -559,6 +574,7 @@ _NUMERIC = re.compile(r"^[-+]?[\d.,]+%?( \[[-\d., ]+\])?( s| min.*| h.*)?$|^—$
 
 def _html_text(text: str) -> str:
     """Text for a pre-wrap box; long text shows its beginning and the rest under <details>."""
+    text = terminal_safe(text)
     if len(text) <= COLLAPSE_CHARS:
         return html.escape(text)
     cut = text.rfind(" ", 0, COLLAPSE_CHARS)
@@ -567,17 +583,18 @@ def _html_text(text: str) -> str:
             f"{html.escape(text[cut:])}</details>")
 
 
-def render_html(title: str, intro: list[str], sections: list, notices: dict[str, list[str]]) -> str:
+def render_html(title: str, intro: list[str], sections: list, skipped: list[str], missing: list[str]) -> str:
     out = ["<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
            '<meta name="viewport" content="width=device-width, initial-scale=1">',
-           f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body><main>",
-           f"<h1>{html.escape(title)}</h1>", *[f'<p class="meta">{_inline(line)}</p>' for line in intro]]
+           f"<title>{_text(title)}</title><style>{CSS}</style></head><body><main>",
+           f"<h1>{_text(title)}</h1>", *[f'<p class="meta">{_text(line)}</p>' for line in intro]]
     if sections:
         out.append("<nav>" + "".join(f'<a href="#{a}">{html.escape(t)}</a>' for a, t, _ in sections) + "</nav>")
-    for css_class, (heading, lines) in notices.items():
-        if lines:
+    for css_class, heading, items in (("notice", SKIPPED_HEADING, [_text(line) for line in skipped]),
+                                      ("missing", MISSING_HEADING, [_inline(line) for line in missing])):
+        if items:
             out.append(f'<div class="{css_class}"><strong>{html.escape(heading)}</strong><ul>'
-                       + "".join(f"<li>{_inline(line)}</li>" for line in lines) + "</ul></div>")
+                       + "".join(f"<li>{item}</li>" for item in items) + "</ul></div>")
     for anchor, heading, blocks in sections:
         out.append(f'<section id="{anchor}"><h2>{html.escape(heading)}</h2>')
         for block in blocks:
@@ -586,24 +603,24 @@ def render_html(title: str, intro: list[str], sections: list, notices: dict[str,
                 out.append(f"<p>{_inline(block[1])}</p>")
             elif kind == "table":
                 _, header, rows = block
-                out.append('<div class="table-wrap"><table><thead><tr>' + "".join(f"<th>{html.escape(h)}</th>" for h in header)
+                out.append('<div class="table-wrap"><table><thead><tr>' + "".join(f"<th>{_text(h)}</th>" for h in header)
                            + "</tr></thead><tbody>")
                 for row in rows:
-                    cells = (f'<td class="num">{html.escape(c)}</td>' if i and _NUMERIC.match(c) else f"<td>{html.escape(c)}</td>"
+                    cells = (f'<td class="num">{_text(c)}</td>' if i and _NUMERIC.match(c) else f"<td>{_text(c)}</td>"
                              for i, c in enumerate(row))
                     out.append("<tr>" + "".join(cells) + "</tr>")
                 out.append("</tbody></table></div>")
             elif kind == "img":
                 out.append(f'<img src="{html.escape(block[1])}" alt="{html.escape(block[2])}">')
             elif kind == "pre":
-                out.append(f"<details><summary>{html.escape(block[1])}</summary><pre>{html.escape(block[2])}</pre></details>")
+                out.append(f"<details><summary>{html.escape(block[1])}</summary><pre>{_text(block[2])}</pre></details>")
             elif kind == "examples":
                 _, examples, systems = block
                 for n, (prompt, items) in enumerate(examples, 1):
                     out.append(f'<h3>Prompt {n}</h3><div class="prompt">{_html_text(prompt.strip())}</div><div class="outputs">')
                     for system, item in zip(systems, items):
                         score = f' <span class="score">RM score {item["score"]:.3f}</span>' if "score" in item else ""
-                        out.append(f'<div class="output-card"><h4>{html.escape(system)}{score}</h4>'
+                        out.append(f'<div class="output-card"><h4>{_text(system)}{score}</h4>'
                                    f'<div class="output">{_html_text(item["output"].strip())}</div></div>')
                     out.append("</div>")
         out.append("</section>")
@@ -627,23 +644,17 @@ def write_report(run_dir: Path, out_dir: Path, examples: int = 3) -> Path:
     run = load_run(run_dir)
     sections, missing = build_sections(run, out_dir, examples)
     title = f"rlcd report: {run_dir.resolve().name}"
-    intro = [f"Run directory `{run_dir}`; written {now()} by rlcd {__version__}."]
+    intro = [f"Run directory {run_dir}; written {now()} by rlcd {__version__}."]  # text: the path may hold anything
     if not sections:
         intro.append("Nothing to report yet: none of the inputs below exist (or all were skipped).")
-    skipped_heading = "Skipped inputs (malformed; left out of this report)"
-    missing_heading = "Not yet available"
-    md_extra = []
-    for heading, lines in ((skipped_heading, run.skipped), (missing_heading, missing)):
-        if lines:
-            md_extra += [f"**{heading}**", "", *[f"- {line}" for line in lines], ""]
-    markdown = render_markdown(title, [x for line in intro for x in (line, "")] + md_extra, sections)
-    page = render_html(title, intro, sections, {"notice": (skipped_heading, run.skipped), "missing": (missing_heading, missing)})
+    markdown = render_markdown(title, intro, sections, run.skipped, missing)
+    page = render_html(title, intro, sections, run.skipped, missing)
     atomic_write_text(out_dir / "report.md", markdown)
     atomic_write_text(out_dir / "report.html", page)
     write_manifest(out_dir / "manifest.json", stage="report", run_dir=str(run_dir), sections=[a for a, _, _ in sections],
                    counts={"skipped": run.skipped, "missing": missing})
     for line in run.skipped:
-        print(f"skipped {line}", file=sys.stderr)
+        print(f"skipped {terminal_safe(line, one_line=True)}", file=sys.stderr)
     print(f"{len(sections)} sections; {len(missing)} not yet available; {len(run.skipped)} input files skipped")
     return out_dir / "report.html"
 
