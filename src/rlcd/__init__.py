@@ -1,28 +1,26 @@
 """RLCD: Reinforcement Learning from Contrast Distillation (Yang et al., arXiv 2307.12950).
 
-Every command is a function here (`rlcd.simulate(...)`, `rlcd.train_rm(...)`, ...): see rlcd/api.py.
+Every command is a function of `rlcd.api` (`from rlcd.api import simulate, train_rm`), and those whose
+name no stage module takes are here too (`rlcd.train_rm(...)`): see rlcd/api.py.
 Importing the package loads nothing heavy; a stage's libraries load when it runs.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["UserError", "run_command", "simulate", "consolidate", "train_rm", "eval_rm", "score", "format_prompts", "generate",
-           "postprocess", "sft", "dpo", "rloo", "ppo", "report", "compare", "refusals", "judge_agreement", "pipeline", "demo"]
+_STAGE_MODULES = ("simulate", "generate", "ppo", "report", "pipeline")  # until they move: their functions are in rlcd.api
+__all__ = ["UserError", "run_command", "consolidate", "train_rm", "eval_rm", "score", "format_prompts", "postprocess", "sft", "dpo",
+           "rloo", "compare", "refusals", "judge_agreement", "demo"]
 
 
 def __getattr__(name: str):
-    if name not in __all__:
-        raise AttributeError(f"module 'rlcd' has no attribute '{name}'")
     import importlib
 
+    if name in _STAGE_MODULES:  # a stage module of the same name: `from rlcd import simulate` must import it
+        return importlib.import_module(f"rlcd.{name}")
+    if name not in __all__:
+        raise AttributeError(f"module 'rlcd' has no attribute '{name}'")
     api = importlib.import_module("rlcd.api")
-    if name == "UserError":
-        return api.UserError
-    if name == "run_command":
-        return api.run_command
-    if name in api.FUNCTIONS:
-        return api.FUNCTIONS[name]
-    raise AttributeError(f"module 'rlcd' has no attribute '{name}'")
+    return getattr(api, name) if name in ("UserError", "run_command") else api.FUNCTIONS[name]
 
 
 def __dir__():

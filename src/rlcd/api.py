@@ -1,14 +1,14 @@
 """The Python API: every `rlcd` command as a function of its flags.
 
-    import rlcd
+    from rlcd.api import format_prompts, generate
 
-    prompts = rlcd.format_prompts(data_path="test.jsonl.gz", split="test", out_file="prompts.json")
-    rlcd.generate(model="smollm2", prompts=prompts, out_file="base.json", max_new_tokens=64)
+    prompts = format_prompts(data_path="test.jsonl.gz", split="test", out_file="prompts.json")
+    generate(model="smollm2", prompts=prompts, out_file="base.json", max_new_tokens=64)
 
 A keyword is a flag's name with underscores (`--batch-size` is `batch_size`, a positional such as
 report's RUN_DIR is `run_dir`); True gives a bare flag and False or None leaves it out. Values are
 checked exactly as on the command line, defaults are the command's, and `config="run.yaml"` reads
-a config file as `--config` does. A mistake raises `rlcd.UserError` with the one line the command
+a config file as `--config` does. A mistake raises `UserError` (rlcd.files) with the one line the command
 line would print; nothing calls `sys.exit`. Each function returns the path the command wrote (the
 line it prints last), or None for a command that prints no path.
 """
@@ -90,3 +90,4 @@ def _function(command: str):
 
 
 FUNCTIONS = {command.replace("-", "_"): _function(command) for command in COMMANDS}
+globals().update(FUNCTIONS)  # from rlcd.api import simulate, train_rm, ...
