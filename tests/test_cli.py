@@ -50,3 +50,18 @@ def test_help_shows_defaults(capsys):
         main(["ppo", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "--steps STEPS" in out and "(default: " in out and "(default: None)" not in out
+
+
+def test_a_key_may_be_any_name_of_its_flag(tmp_path):
+    cfg = config(tmp_path, "in-dir: sim\nout-file: prefs.parquet\n")
+    assert parse(["consolidate", "--config", cfg]).out_csv == "prefs.parquet"
+    cfg = config(tmp_path, "in-dir: sim\nout-csv: prefs.csv\n")
+    assert parse(["consolidate", "--config", cfg]).out_csv == "prefs.csv"
+
+
+def test_an_error_line_stays_one_line_whatever_it_quotes(tmp_path, capsys):
+    hostile = tmp_path / "a\nfake: line\x1b[31m.jsonl"
+    with pytest.raises(SystemExit):
+        main(["format-prompts", "--data-path", str(hostile), "--out-file", str(tmp_path / "p.json")])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "\x1b" not in err and "\\x1b" in err

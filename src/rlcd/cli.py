@@ -16,6 +16,7 @@ import yaml
 
 from rlcd import __version__
 from rlcd.files import UserError
+from rlcd.text import terminal_safe
 
 STAGES = {
     "simulate": ("rlcd.simulate", "simulate preference pairs (rlcd, rlaif, rlcd_rescore)"),
@@ -112,12 +113,15 @@ def config_defaults(parser: argparse.ArgumentParser, values: dict, where: str) -
     """The file's values as parser defaults: keys checked, values converted and checked like flags.
     A required flag the file supplies is no longer required on the command line."""
     actions = {a.dest: a for a in parser._actions if a.option_strings}
+    for a in parser._actions:  # a key may be any of a flag's names (`out-file` or its alias `out-csv`)
+        actions.update({s.lstrip("-").replace("-", "_"): a for s in a.option_strings if s.startswith("--")})
     defaults = {}
     for key, value in values.items():
-        dest = str(key).replace("-", "_")
-        if dest not in actions or dest == "config":
+        name = str(key).replace("-", "_")
+        if name not in actions or name == "config":
             raise UserError(f"{where}: unknown key '{key}' (see {parser.prog} --help)")
-        action = actions[dest]
+        action = actions[name]
+        dest = action.dest
         convert = action.type if action.type is not None and value is not None and not isinstance(value, bool) else None
         try:
             if convert and isinstance(value, list) and action.nargs not in (None, "?"):
@@ -157,15 +161,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args = parse(argv)
     except FlagError as e:
-        print(f"{e.prog}: error: {e}", file=sys.stderr)
+        print(f"{e.prog}: error: {terminal_safe(str(e), one_line=True)}", file=sys.stderr)
         sys.exit(2)
     except UserError as e:
-        print(f"rlcd {command}: error: {e}", file=sys.stderr)
+        print(f"rlcd {command}: error: {terminal_safe(str(e), one_line=True)}", file=sys.stderr)
         sys.exit(2)
     try:
         importlib.import_module(args._module).run(args)
     except UserError as e:
-        print(f"rlcd {args.command}: error: {e}", file=sys.stderr)
+        print(f"rlcd {args.command}: error: {terminal_safe(str(e), one_line=True)}", file=sys.stderr)
         sys.exit(2)
     except ModuleNotFoundError as e:
         print(f"rlcd {args.command}: error: {missing_module_message(e)}", file=sys.stderr)

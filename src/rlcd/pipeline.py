@@ -31,6 +31,7 @@ from pathlib import Path
 import yaml
 
 from rlcd.files import UserError, atomic_write_text, now
+from rlcd.text import terminal_safe
 
 TRAINERS = {"ppo", "sft", "dpo", "rloo"}
 SECTIONS = {"run-dir", "model", "task", "seed", "prompts-file", "test-file", "simulate", "train-rm", "eval-rm", "systems",
@@ -275,7 +276,7 @@ class Runner:
                 for line in proc.stdout:
                     log.write(line)
                     if line.strip() and "it/s]" not in line and "s/it]" not in line and "Loading weights" not in line:
-                        last = line.rstrip()
+                        last = terminal_safe(line.rstrip(), one_line=True)  # a stage's output may quote untrusted text
                         print(f"  {last[:200]}", flush=True)
                 code = proc.wait()
             except KeyboardInterrupt:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlcd import __version__
-from rlcd.files import UserError, atomic_write_text, load_shard, now, open_text, write_manifest
+from rlcd.files import FILE_MODE, UserError, atomic_write_text, load_shard, now, open_text, write_manifest
 from rlcd.text import code_block, md_inline, terminal_safe
 
 PPO_PANELS = [  # log.jsonl key, panel title
@@ -234,6 +234,7 @@ def _save(fig, path: Path) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=100)
+        os.chmod(tmp, FILE_MODE)  # the user's umask, as every other file rlcd writes
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
