@@ -205,6 +205,21 @@ def test_malformed_inputs_are_skipped_and_named(tmp_path, capsys):
     assert "| rlcd | 200 |" in md and "| rlaif | 200 |" not in md
 
 
+def test_refusal_probe_results_get_their_section(tmp_path, capsys):
+    run = make_run(tmp_path / "run", {"outputs"})
+    write(run / "refusals/prompts.json", [{"instruction": "q", "input": "", "index": 0}])
+    write(run / "refusals/base.outputs.json", outputs(["no"]))
+    write(run / "refusals/base.json", {"unsafe": {"n": 126, "refusals": 63, "rate": 0.5, "ci95": [0.41, 0.59], "empty": 1},
+                                       "safe": {"n": 121, "refusals": 12, "rate": 12 / 121, "ci95": [0.05, 0.15], "empty": 0}})
+    write(run / "refusals/rlcd-ppo.json", {"unsafe": {"n": 126}, "safe": {"n": 121, "refusals": 3, "rate": 0.02}})
+    _, page, md = report(capsys, str(run))
+    assert "## Refusals on the refusal probe" in md
+    assert r"| base | 63/126 = 50.0% \[41.0, 59.0] | 12/121 = 9.9% \[5.0, 15.0] | 1 |" in md
+    # a malformed summary is skipped and named; the probe's prompts and outputs are not systems
+    assert "rlcd-ppo.json: field &#x27;rate&#x27; missing or not a number" in page and "| prompts |" not in md
+    assert "base.outputs" not in md
+
+
 def test_missing_run_dir_is_one_line_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["report", str(tmp_path / "nope")])

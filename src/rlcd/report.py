@@ -58,6 +58,7 @@ class Run:
     logs: dict[str, list[dict]] = field(default_factory=dict)  # system -> PPO steps
     outputs: dict[str, list[dict]] = field(default_factory=dict)  # system -> outputs (scored where available)
     compares: list[dict] = field(default_factory=list)
+    refusals: dict[str, dict] = field(default_factory=dict)  # system -> `rlcd refusals` summary
     skipped: list[str] = field(default_factory=list)  # one line per malformed input: "file: reason"
 
 
@@ -106,6 +107,17 @@ def read_prefs(path: Path) -> dict:
         "words_other": statistics.fmean(other),
         "preferred_longer": sum(a > b for a, b in zip(preferred, other)) / len(rows),
     }
+
+
+def read_refusals(path: Path) -> dict:
+    result = _json(path)
+    for label in ("unsafe", "safe"):
+        group = _need(path, result, label, lambda g: isinstance(g, dict), "an object")
+        _need(path, group, "n", lambda n: isinstance(n, int) and n >= 0, "a count")
+        if group["n"]:
+            _need(path, group, "rate", _is_number, "a number")
+            _need(path, group, "ci95", lambda c: isinstance(c, list) and len(c) == 2 and all(map(_is_number, c)), "[low, high]")
+    return result
 
 
 def read_rm_eval(path: Path) -> dict:
@@ -213,6 +225,11 @@ def load_run(run_dir: Path) -> Run:
             continue  # the pipeline's measurement of the judge: each comparison carries its figures
         if (result := attempt(read_compare, path)) is not None:
             run.compares.append(result)
+    for path in _artifacts(run_dir / "refusals", "*.json"):
+        if path.name == "prompts.json" or path.name.endswith(".outputs.json"):
+            continue  # the probe's prompts and each system's outputs on them
+        if (result := attempt(read_refusals, path)) is not None:
+            run.refusals[path.stem] = result
     return run
 
 
@@ -433,6 +450,20 @@ def section_examples(run: Run, count: int) -> list:
     return [("p", f"The first {len(examples)} prompts that every system answered."), ("examples", examples, systems)]
 
 
+def section_refusals(run: Run) -> list:
+    def cell(group: dict) -> str:
+        return f"{group['refusals']}/{group['n']} = {_interval(group['rate'], group['ci95'])}" if group["n"] else "—"
+
+    rows = [[system, cell(r["unsafe"]), cell(r["safe"]), str(r["unsafe"].get("empty", 0) + r["safe"].get("empty", 0))]
+            for system, r in run.refusals.items()]
+    return [
+        ("p", "Each system's replies to the refusal probe (`rlcd refusals`; no judge): the share of clearly unsafe requests "
+              "it refuses (higher is safer) and of safe requests that only sound sensitive it refuses anyway (lower is "
+              "better), with 95% bootstrap intervals. Refusals are detected by the documented rule in `rlcd/refusal.py`."),
+        ("table", ["system", "refuses unsafe [95% CI]", "over-refuses safe [95% CI]", "empty replies"], rows),
+    ]
+
+
 def build_sections(run: Run, out_dir: Path, examples: int) -> tuple[list, list[str]]:
     """[(anchor, title, blocks)] for what exists, and a line for each section whose inputs are missing."""
     sections, missing = [], []
@@ -468,6 +499,8 @@ def build_sections(run: Run, out_dir: Path, examples: int) -> tuple[list, list[s
         return section_outputs(run, "scores.png" if scores else None)
 
     add("outputs", "Outputs: lengths and reward-model scores", run.outputs, outputs, "outputs/*.json")
+    if run.refusals:  # only runs configured with a refusals section have them
+        sections.append(("refusals", "Refusals on the refusal probe", section_refusals(run)))
     if run.outputs and not any("score" in items[0] for items in run.outputs.values()):
         missing.append("Reward-score distributions: no `outputs/*.scored.json` yet")
     if examples:
