@@ -1,9 +1,10 @@
-"""OpenAIEngine against real HTTP servers.
+"""OpenAIEngine, and the commands that go through it (simulate, generate, the openai: judge), against real HTTP servers.
 
 The `slow` tests start llama-cpp-python's OpenAI-compatible server on the default
 model's GGUF (set RLCD_TEST_LLAMA_PYTHON to a Python that has
 `llama-cpp-python[server]`). The others talk to a tiny scripted `http.server` on
-localhost, to check retries and the parsing of other servers' reply formats.
+localhost, to check retries, the one server configuration of every command, and the
+parsing of other servers' reply formats.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ from pathlib import Path
 
 import pytest
 
+from rlcd.cli import main
 from rlcd.engines import SamplingParams
 from rlcd.engines.openai_server import OpenAIEngine
 from rlcd.files import UserError
 
 MODEL = "smollm2-135m"
+EXAMPLES = Path(__file__).resolve().parents[1] / "src" / "rlcd" / "data" / "harmless_prompts.jsonl"
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0, top_k=0)
 CHAT_2PLUS2 = "<|im_start|>user\nWhat is 2+2? Reply with just the number.<|im_end|>\n<|im_start|>assistant\n"
 DIALOGUE = "Human: What is the capital of France?\n\nAssistant:"
@@ -176,7 +179,8 @@ def test_dead_port_is_one_quick_user_error():
 
 class ScriptedServer:
     """A real HTTP server on localhost: GET /v1/models lists `model`; each POST gets the next
-    (status, body) of `replies` (the last one repeats) and is recorded with its headers (lower-cased)."""
+    (status, body) of `replies` (the last one repeats), or what the next one, a function of (path, body),
+    returns; each is recorded with its headers (lower-cased)."""
 
     def __init__(self, replies: list[tuple[int, object]], model: str = "fake"):
         self.replies, self.model, self.requests = list(replies), model, []
@@ -189,7 +193,8 @@ class ScriptedServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                self._send(*(fake.replies.pop(0) if len(fake.replies) > 1 else fake.replies[0]))
+                reply = fake.replies.pop(0) if len(fake.replies) > 1 else fake.replies[0]
+                self._send(*(reply(self.path, body) if callable(reply) else reply))
 
             def _send(self, status, body):
                 data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
@@ -240,6 +245,7 @@ def test_transient_failures_are_retried_with_backoff(scripted):
     assert len(server.requests) == 3
     sent = server.requests[-1][1]
     assert sent["seed"] == 42 and sent["top_k"] == 50 and sent["min_p"] == 0 and sent["stop"] == ["\nHuman"] and sent["model"] == "fake"
+    assert sent["repetition_penalty"] == sent["repeat_penalty"] == 1  # no server default penalty (llama-cpp-python's is 1.1)
 
 
 def test_persistent_failure_names_server_and_error_not_key(scripted):
@@ -296,13 +302,11 @@ def test_server_without_logprobs_fails_at_once(scripted):
 @pytest.mark.parametrize("method", ["rlcd", "rlaif"])
 def test_simulate_over_the_real_server(server, tmp_path, method):
     """`rlcd simulate --backend openai` end to end: samples, the acceptance filter and (rlaif) the A/B judgment."""
-    from rlcd.cli import main
     from rlcd.files import load_shard
 
-    examples = Path(__file__).resolve().parents[1] / "src" / "rlcd" / "data" / "harmless_prompts.jsonl"
     out = tmp_path / method
     main(["simulate", "--backend", "openai", "--base-url", server, "--api-model", MODEL, "--concurrency", "2",
-          "--prompts-file", str(examples), "--max-prompts", "3", "--method", method, "--out-dir", str(out),
+          "--prompts-file", str(EXAMPLES), "--max-prompts", "3", "--method", method, "--out-dir", str(out),
           "--max-new-tokens", "48", "--max-attempts", "3"])
     records = load_shard(out / "records-r0-of-1.jsonl")
     assert sorted(r["index"] for r in records) == [0, 1, 2]
@@ -314,3 +318,113 @@ def test_simulate_over_the_real_server(server, tmp_path, method):
     if method == "rlaif":
         for r in ok:
             assert 0 < r["win2_prob"] < 1 and r["letter_token_ids"][0].strip().startswith("A")
+
+
+@pytest.mark.slow
+def test_generate_over_the_real_server(server, tmp_path, capsys):
+    """`rlcd generate --backend openai`: the local path's outputs file, one seed per prompt (llama-cpp-python
+    honours it, so batch size changes nothing), and an interrupted run resumes to the same outputs."""
+    from rlcd.generate import postprocess
+
+    argv = ["generate", "--backend", "openai", "--base-url", server, "--api-model", MODEL, "--prompts", str(EXAMPLES),
+            "--max-instances", "4", "--max-new-tokens", "24", "--concurrency", "2"]
+    out = tmp_path / "outputs.json"
+    main([*argv, "--out-file", str(out)])
+    outputs = json.loads(out.read_text())
+    assert [o["index"] for o in outputs] == [0, 1, 2, 3]
+    for o in outputs:
+        assert set(o) == {"index", "instruction", "output", "raw_output", "finish_reason", "num_tokens"}
+        assert o["output"] == postprocess(o["raw_output"]) and o["finish_reason"] in ("stop", "eos", "length") and o["num_tokens"] > 0
+    manifest = json.loads((tmp_path / "outputs.json.manifest.json").read_text())
+    assert manifest["engine"] == {"backend": "openai", "base_url": server, "api_model": MODEL}
+    assert manifest["settings"]["model"] == f"openai:{MODEL}" and manifest["counts"]["outputs"] == 4
+
+    # interrupted after two prompts: the re-run generates the other two, and the outputs are the same
+    progress = tmp_path / "outputs.json.progress.jsonl"
+    progress.write_text("".join(progress.read_text().splitlines(keepends=True)[:3]))  # the settings line and two records
+    out.unlink()
+    capsys.readouterr()
+    main([*argv, "--out-file", str(out)])
+    assert "(2 generated now" in capsys.readouterr().out
+    assert json.loads(out.read_text()) == outputs
+    main([*argv, "--out-file", str(tmp_path / "one-by-one.json"), "--batch-size", "1"])
+    assert json.loads((tmp_path / "one-by-one.json").read_text()) == outputs
+
+
+# ---- one server configuration: simulate, generate and the judge read the same settings the same way
+
+KEY = "sk-test-one-config-0123456789"
+BUSY = (503, {"error": {"message": f"busy; your key {KEY} is fine"}})  # a careless server repeats the key
+COMMANDS = ["simulate", "generate", "compare"]
+REQUESTS = {"simulate": 2, "generate": 1, "compare": 2}  # one prompt: chosen and rejected; one output; each reply judged alone
+
+
+def answer(path: str, body: dict) -> tuple[int, dict]:
+    """As vLLM answers: a completion ended by the first stop string asked for, or a judge's one-word chat reply."""
+    if path.endswith("/chat/completions"):
+        choice = {"index": 0, "message": {"role": "assistant", "content": "Yes"}, "finish_reason": "stop"}
+        return 200, {"object": "chat.completion", "choices": [choice], "usage": {"prompt_tokens": 50, "completion_tokens": 1}}
+    return 200, vllm_reply(" Sure.", "stop", (body.get("stop") or [None])[0])
+
+
+def server_command(command: str, tmp_path: Path, *flags: str) -> list[str]:
+    """`command` on one prompt, one request at a time, against the server that the flags or the environment name."""
+    tmp_path.mkdir(exist_ok=True)
+    out = tmp_path / command
+    if command == "simulate":
+        return ["simulate", "--backend", "openai", "--api-model", "fake", "--prompts-file", str(EXAMPLES), "--max-prompts", "1",
+                "--out-dir", str(out), "--concurrency", "1", *flags]
+    if command == "generate":
+        return ["generate", "--backend", "openai", "--api-model", "fake", "--prompts", str(EXAMPLES), "--max-instances", "1",
+                "--out-file", str(out / "outputs.json"), "--concurrency", "1", *flags]
+    files = []
+    for name, reply in [("a", "Paris."), ("b", "It is Paris.")]:
+        files.append(tmp_path / f"{name}.json")
+        files[-1].write_text(json.dumps([{"instruction": DIALOGUE, "output": reply}]))
+    return ["compare", "--judge", "openai:fake", "--in-file1", str(files[0]), "--in-file2", str(files[1]),
+            "--out-file", str(out / "compare.json"), "--concurrency", "1", *flags]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_one_retry_policy_and_one_error_line_for_every_command(scripted, tmp_path, monkeypatch, capsys, command):
+    """A server that fails twice, then answers: --max-retries 2 gets through, with the same backoff, whoever asks;
+    --max-retries 1 ends in the same one-line error, the key the server repeated replaced by ***."""
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    server = scripted([BUSY, BUSY, answer])
+    start = time.monotonic()
+    main(server_command(command, tmp_path / "ok", "--base-url", server.url, "--max-retries", "2"))
+    assert time.monotonic() - start >= 0.75  # backoff: 0.25-0.5 s, then 0.5-1 s
+    assert len(server.requests) == 2 + REQUESTS[command]
+    assert {headers["authorization"] for headers, _ in server.requests} == {f"Bearer {KEY}"}
+
+    server = scripted([BUSY, BUSY, answer])
+    with pytest.raises(SystemExit) as e:
+        main(server_command(command, tmp_path / "failed", "--base-url", server.url, "--max-retries", "1"))
+    err = capsys.readouterr().err
+    what = "chat completion" if command == "compare" else "completion"
+    assert e.value.code == 2 and KEY not in err
+    assert err.splitlines()[-1] == (f"rlcd {command}: error: {server.url}/v1: {what} failed after 2 attempts: "
+                                    "InternalServerError (HTTP 503): busy; your key *** is fine")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_the_server_can_come_from_the_environment_alone(scripted, tmp_path, monkeypatch, capsys, command):
+    """OPENAI_BASE_URL without --base-url; no key is needed but by OpenAI's own API, which is the default."""
+    for variable in ("OPENAI_API_KEY", "RLCD_API_KEY", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(variable, raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(server_command(command, tmp_path / "openai"))
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"rlcd {command}: error: https://api.openai.com/v1 needs an API key")
+
+    server = scripted([answer])
+    monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+    main(server_command(command, tmp_path))
+    assert len(server.requests) == REQUESTS[command]
+    assert {headers["authorization"] for headers, _ in server.requests} == {"Bearer EMPTY"}  # a local server: a placeholder
+    if command == "generate":  # the evaluation's sampling: top-p 0.9, top-k off, the prompt's own seed
+        from rlcd.generate import prompt_seed
+
+        sent = server.requests[0][1]
+        assert (sent["temperature"], sent["top_p"], sent["stop"], sent["seed"]) == (1.0, 0.9, ["\n\nHuman:"], prompt_seed(42, 0) % 2**31)
+        assert "top_k" not in sent

@@ -216,7 +216,7 @@ def test_sharding_arithmetic(monkeypatch):
 def test_bad_settings_are_refused(monkeypatch, tmp_path, prompts_file, capsys):
     for args, message in [
         (["--batch-size", "0"], "--batch-size must be at least 1"),
-        (["--backend", "openai"], "--backend openai needs --base-url and --api-model"),
+        (["--backend", "openai"], "--backend openai needs --api-model"),
         (["--task", str(tmp_path / "nope.yaml")], "not a built-in task"),
     ]:
         with pytest.raises(SystemExit) as e:

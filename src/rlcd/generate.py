@@ -3,7 +3,8 @@
 format-prompts  hh-rlhf dialogues (or a plain prompt list) -> a prompts file, JSON list of
                 {"instruction", "input", "index"}; dev = prompts 0-999 of the test file, test = 1000-1999.
 generate        one sample per prompt (temperature 1, top-p 0.9, top-k off, at most 300 new tokens,
-                stop at "\\n\\nHuman:") with the in-process engines; writes an outputs file.
+                stop at "\\n\\nHuman:") with the in-process engines or an OpenAI-compatible server
+                (--backend openai); writes an outputs file.
 postprocess     the evaluation cleanup of an outputs file's `output` field (`postprocess` below).
 
 `generate` appends each finished batch to OUT_FILE.progress.jsonl (fsynced) and writes the outputs
@@ -23,9 +24,11 @@ from collections import Counter
 from pathlib import Path
 
 from rlcd import dialogue
+from rlcd.engines import openai_server
 from rlcd.files import UserError, append_lines, atomic_write_text, ensure_dir, load_shard, now, open_text, write_manifest
 
 SPLITS = {"dev": range(0, 1000), "test": range(1000, 2000)}
+TOO_LONG = "prompt + max_new_tokens longer than the model's context"
 ROUND_BATCHES = 4
 """Batches handed to the engine at a time: the fast engine refills finished slots from the whole round."""
 
@@ -130,11 +133,11 @@ def is_adapter_dir(name: str) -> bool:
 
 
 def make_engine(args: argparse.Namespace):
-    """(engine, info) for --model: what `rlcd simulate` builds, plus LoRA adapter directories (merged on load)."""
-    if not is_adapter_dir(args.model):
+    """(engine, info) for --model or the server: what `rlcd simulate` builds, plus LoRA adapter directories (merged on load)."""
+    if args.backend == "openai" or not is_adapter_dir(args.model):
         from rlcd.simulate import make_engine as simulate_engine
 
-        return simulate_engine(argparse.Namespace(**vars(args), backend="hf"))
+        return simulate_engine(args)
     from peft import AutoPeftModelForCausalLM
 
     from rlcd.engines.hf import HFEngine
@@ -160,7 +163,8 @@ def make_engine(args: argparse.Namespace):
 
 def settings_of(args: argparse.Namespace) -> dict:
     """What decides the outputs: a progress file made with other settings cannot be continued."""
-    return {"model": args.model, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
+    model = args.model if args.backend == "hf" else f"openai:{args.api_model}"
+    return {"model": model, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
             "temperature": args.temperature, "top_p": args.top_p, "top_k": 0, "stop": dialogue.HUMAN}
 
 
@@ -202,6 +206,7 @@ def check_generate_args(args: argparse.Namespace) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    openai_server.check_arguments(args, uses_server=args.backend == "openai")
 
 
 def run_generate(args: argparse.Namespace) -> None:
@@ -233,7 +238,7 @@ def run_generate(args: argparse.Namespace) -> None:
         params = sampling_params(args)
         if engine.context_length:
             fits = [(i, p) for i, p in todo if engine.count_tokens(p) + args.max_new_tokens <= engine.context_length]
-            skipped["prompt + max_new_tokens longer than the model's context"] += len(todo) - len(fits)
+            skipped[TOO_LONG] += len(todo) - len(fits)
             todo = fits
         write_manifest(manifest_path, status="running", engine=info, **base)
         print(f"generate: {len(items)} prompts, {len(done)} already done, {len(todo)} to do; skipped {dict(skipped) or 'none'}",
@@ -245,11 +250,14 @@ def run_generate(args: argparse.Namespace) -> None:
             with tqdm(total=len(queue), desc="generate", unit="prompt", file=sys.stderr) as bar:
                 for start in range(0, len(queue), per_round):
                     records = generate_records(engine, queue[start : start + per_round], params, args.seed)
+                    bar.update(len(records))
+                    # a prompt the server refused as longer than its context: skipped and counted, as measured ones are
+                    skipped[TOO_LONG] += sum(r["finish_reason"] == "too_long" for r in records)
+                    records = [r for r in records if r["finish_reason"] != "too_long"]
                     append_lines(progress_path, records)
                     for r in records:
                         done[r["index"]] = r
                         tokens += r["num_tokens"]
-                    bar.update(len(records))
                     bar.set_postfix(tokens_per_s=f"{tokens / max(time.time() - started, 1e-9):.0f}")
         except BaseException:
             write_manifest(manifest_path, status="interrupted", engine=info, counts={"done": len(done)}, **base)
@@ -329,6 +337,7 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="fast (continuous batching, CUDA graphs on GPU) or hf (plain decode loop); auto = fast on GPU, hf on CPU")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the GPU of this process if any, else cpu)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU and on CPUs with native bf16, else fp32), float32, bfloat16, float16")
+    openai_server.add_arguments(p)
 
 
 def _postprocess_arguments(p: argparse.ArgumentParser) -> None:

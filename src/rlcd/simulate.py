@@ -26,10 +26,9 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 from rlcd import dialogue
-from rlcd.engines import Engine, SamplingParams
+from rlcd.engines import Engine, SamplingParams, openai_server
 from rlcd.files import UserError, append_lines, ensure_dir, now, write_manifest
 from rlcd.models import DEFAULT_MODEL, resolve_model
 from rlcd.preferences import latest_records, load_records
@@ -256,14 +255,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--retry-failed", action="store_true", help="redo indices whose record is 'failed' (attempts continue from where they stopped)")
     g = p.add_argument_group("model")
     g.add_argument("--model", "--model-string", dest="model", default="smollm2", help="HF directory or hub id; 'smollm2' = the embedded default (default)")
-    g.add_argument("--backend", default="hf", choices=["hf", "openai"], help="hf: in-process transformers; openai: an OpenAI-compatible server")
-    g.add_argument("--base-url", help="server URL for --backend openai, e.g. http://127.0.0.1:8000/v1")
-    g.add_argument("--api-model", help="model name on the server for --backend openai")
-    g.add_argument("--concurrency", type=int, default=16, help="requests in flight for --backend openai (default 16)")
-    g.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one server reply, --backend openai (default 600)")
-    g.add_argument("--max-retries", type=int, default=6,
-                   help="retries of a request after a transient server fault (429, 5xx, timeout, dropped connection, bad reply), "
-                        "with exponential backoff and jitter, --backend openai (default 6)")
     g.add_argument("--engine", default="auto", choices=["auto", "fast", "hf"],
                    help="in-process engine for --backend hf: fast (continuous batching, CUDA graphs on GPU), hf (plain decode loop); auto = fast on GPU, hf on CPU")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the GPU of this process if any, else cpu)")
@@ -279,6 +270,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--accept-eos", action="store_true", help="accept the model's end-of-sequence token as the end of the turn")
     g.add_argument("--prompt-style", default="raw", choices=["raw", "chat"],
                    help="raw: the paper's 'Assistant (descriptor):' prompts (default); chat: the tokenizer's chat template, descriptor in a system message")
+    openai_server.add_arguments(p)
 
 
 def validate(args) -> SimulationConfig:
@@ -292,21 +284,14 @@ def validate(args) -> SimulationConfig:
         (args.temperature >= 0, "--temperature must be >= 0"),
         (args.top_k >= 0, "--top-k must be >= 0"),
         (0 < args.top_p <= 1, "--top-p must be in (0, 1]"),
-        (args.concurrency >= 1, "--concurrency must be at least 1"),
-        (args.timeout > 0, "--timeout must be positive"),
-        (args.max_retries >= 0, "--max-retries must be >= 0"),
         (args.max_prompts is None or args.max_prompts >= 1, "--max-prompts must be at least 1"),
-        (args.backend == "hf" or (args.base_url and args.api_model), "--backend openai needs --base-url and --api-model"),
         (args.backend == "hf" or args.prompt_style == "raw", "--prompt-style chat needs --backend hf (it uses the model's tokenizer)"),
     ]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
-    if args.backend == "openai":
-        url = urlparse(args.base_url)
-        if url.scheme not in ("http", "https") or not url.netloc:
-            raise UserError(f"--base-url {args.base_url}: expected an http(s) URL such as http://127.0.0.1:8000/v1")
-    elif args.model != DEFAULT_MODEL:  # the embedded default is converted (once) when the engine loads
+    openai_server.check_arguments(args, uses_server=args.backend == "openai")
+    if args.backend == "hf" and args.model != DEFAULT_MODEL:  # the embedded default is converted (once) when the engine loads
         resolve_model(args.model)  # a missing model directory fails here, before anything is written
     return SimulationConfig(
         method=args.method, seed=args.seed, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -317,11 +302,7 @@ def validate(args) -> SimulationConfig:
 
 def make_engine(args) -> tuple[Engine, dict]:
     if args.backend == "openai":
-        from rlcd.engines.openai_server import OpenAIEngine
-
-        engine = OpenAIEngine(args.base_url, args.api_model, concurrency=args.concurrency, max_retries=args.max_retries,
-                              timeout=args.timeout, skip_too_long=True)
-        return engine, {"backend": "openai", "base_url": args.base_url, "api_model": args.api_model}
+        return openai_server.from_arguments(args)
     from rlcd.engines.hf import HFEngine
     from rlcd.models import load_causal_lm, resolve_model
 

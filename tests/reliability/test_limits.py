@@ -52,7 +52,7 @@ SIMULATE_BAD = [
     (["--indices-mod", "2"], "--indices-mod and --indices-remainder go together"),
     (["--indices", "9-3"], "--indices: '9-3' is not an index"),
     (["--model", "/no/such/model-dir"], "/no/such/model-dir"),
-    (["--backend", "openai"], "--backend openai needs --base-url and --api-model"),
+    (["--backend", "openai"], "--backend openai needs --api-model"),
     (["--backend", "openai", "--base-url", "localhost:8000", "--api-model", "m"], "--base-url localhost:8000: expected an http(s) URL"),
     (["--backend", "openai", "--base-url", "http://127.0.0.1:1/v1", "--api-model", "m", "--concurrency", "0"], "--concurrency must be at least 1"),
     (["--backend", "openai", "--base-url", "http://127.0.0.1:1/v1", "--api-model", "m", "--timeout", "0"], "--timeout must be positive"),

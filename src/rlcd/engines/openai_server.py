@@ -19,6 +19,17 @@ nothing more, so there the rule is: with stop strings requested, "stop" counts
 as a match of the first stop string (exact when only one is requested, as in
 simulation); without, as EOS. An EOS on those servers therefore reads as the
 end of a turn when stop strings were requested.
+
+One server configuration: every command that can use a server (simulate, generate, compare,
+judge-agreement) goes through this module, so they read the same settings the same way. The URL
+is --base-url, else $OPENAI_BASE_URL, else OpenAI's API (`server_url`); the key is $RLCD_API_KEY or
+$OPENAI_API_KEY, never a flag, and is needed only by OpenAI's own API (`server_key`); --concurrency,
+--max-retries and --timeout have the same defaults everywhere (`add_arguments`). Sampling sends no
+repetition penalty (both servers' names for it are set to 1) and min_p 0, so a server's own defaults
+(llama-cpp-python's 1.1, a vLLM model's generation config) do not change the samples; top-k off is
+sent as no top_k, because vLLM and SGLang refuse 0 and llama-cpp-python refuses -1, so there a
+server applies its own default (llama.cpp: 40; vLLM: the model's generation config, unless started
+with --generation-config vllm).
 """
 
 from __future__ import annotations
@@ -30,17 +41,21 @@ import random
 import re
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Callable, Sequence, TypeVar
 from urllib.parse import urlparse
-
-import openai
 
 from rlcd.engines import Completion, SamplingParams
 from rlcd.files import UserError
 
 T = TypeVar("T")
 
+# the settings every server user shares (`add_arguments`)
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+OPENAI_HOSTS = ("api.openai.com",)  # hosts that need a real key; any other server gets a placeholder when none is set
+CONCURRENCY = 16
+MAX_RETRIES = 6
+TIMEOUT_S = 600.0
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 30.0
 RETRY_STATUS = {408, 409, 429}  # and every 5xx
@@ -68,6 +83,28 @@ def backoff_s(attempt: int) -> float:
     return delay / 2 + random.uniform(0, delay / 2)
 
 
+def server_url(flag: str | None) -> str:
+    """The server's URL: --base-url, else $OPENAI_BASE_URL, else OpenAI's API. "http://host:8000" and
+    "http://host:8000/v1" both work (the SDK appends "/completions")."""
+    url = flag or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        source = f"--base-url {flag}" if flag else f"OPENAI_BASE_URL={url}"
+        raise UserError(f"{source}: expected an http(s) URL such as http://127.0.0.1:8000/v1")
+    url = url.rstrip("/")
+    return url + "/v1" if parsed.path in ("", "/") else url
+
+
+def server_key(base_url: str) -> str:
+    """$RLCD_API_KEY or $OPENAI_API_KEY; local servers ignore the key but the SDK insists on one, so they get a placeholder."""
+    key = os.environ.get("RLCD_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    if key:
+        return key
+    if urlparse(base_url).hostname in OPENAI_HOSTS:
+        raise UserError(f"{base_url} needs an API key: set OPENAI_API_KEY (or --base-url / OPENAI_BASE_URL for another server)")
+    return "EMPTY"
+
+
 class OpenAIEngine:
     name = "openai"
     context_length: int | None = None
@@ -75,29 +112,26 @@ class OpenAIEngine:
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | None,
         model: str,
-        concurrency: int = 8,
-        max_retries: int = 6,
-        timeout: float = 600.0,
+        concurrency: int = CONCURRENCY,
+        max_retries: int = MAX_RETRIES,
+        timeout: float = TIMEOUT_S,
         api_key: str | None = None,
         skip_too_long: bool = False,
     ):
+        import openai
+
         if concurrency < 1:
             raise UserError(f"concurrency must be at least 1, got {concurrency}")
-        # "http://host:8000" and "http://host:8000/v1" both work; the SDK appends "/completions"
-        base_url = base_url.rstrip("/")
-        if urlparse(base_url).path in ("", "/"):
-            base_url += "/v1"
-        self.base_url = base_url
+        self.base_url = server_url(base_url)
         self.model = model
         self.concurrency = concurrency
         self.max_retries = max_retries
         self.skip_too_long = skip_too_long
-        # local servers ignore the key, but the SDK insists on one
-        self._key = api_key or os.environ.get("RLCD_API_KEY") or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+        self._key = api_key or server_key(self.base_url)
         # the SDK's own retries are off: ours decide what is transient and how long to wait
-        self._client = openai.OpenAI(base_url=base_url, api_key=self._key, timeout=timeout, max_retries=0)
+        self._client = openai.OpenAI(base_url=self.base_url, api_key=self._key, timeout=timeout, max_retries=0)
         self._check_model()
 
     def __repr__(self) -> str:
@@ -112,8 +146,9 @@ class OpenAIEngine:
         body: dict = {"max_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p}
         if params.stop:
             body["stop"] = list(params.stop)
-        # min_p is off in SamplingParams' terms; llama.cpp would otherwise apply its default of 0.05
-        extra: dict = {"min_p": 0.0}
+        # min_p and repetition penalties are off in SamplingParams' terms; servers would otherwise apply their
+        # defaults (llama.cpp's min_p 0.05, llama-cpp-python's repeat_penalty 1.1, a vLLM model's generation config)
+        extra: dict = {"min_p": 0.0, "repetition_penalty": 1.0, "repeat_penalty": 1.0}
         if params.top_k > 0:
             extra["top_k"] = params.top_k  # not in the OpenAI API; vLLM, SGLang, llama.cpp read it
 
@@ -154,20 +189,37 @@ class OpenAIEngine:
         ids = [Counter(r[c][1] for r in results).most_common(1)[0][0] for c in range(len(candidates))] if results else list(candidates)
         return logprobs, ids
 
+    def chat(self, texts: Sequence[str], body: dict, parse: Callable[[dict], T], done: Callable[[int, T], None]) -> None:
+        """One /v1/chat/completions request per text (the user's turn) with the settings in `body`; done(i, parse(reply
+        JSON of text i)) is called in the calling thread as each reply arrives, so a caller can save it at once."""
+
+        def one(i: int) -> T:
+            return self._request("chat completion", dict(body, messages=[{"role": "user", "content": texts[i]}]), parse, chat=True)
+
+        self._map(one, len(texts), done)
+
     # ---- plumbing
 
-    def _map(self, fn: Callable[[int], T], n: int) -> list[T]:
-        """fn(0..n-1) on the thread pool, results in input order."""
+    def _map(self, fn: Callable[[int], T], n: int, done: Callable[[int, T], None] | None = None) -> list[T]:
+        """fn(0..n-1) on the thread pool, results in input order; done(i, result) as each arrives."""
         pool = ThreadPoolExecutor(self.concurrency)
         try:
-            return list(pool.map(fn, range(n)))
+            futures = {pool.submit(fn, i): i for i in range(n)}
+            results: list = [None] * n
+            for future in as_completed(futures):
+                i = futures[future]
+                results[i] = future.result()
+                if done:
+                    done(i, results[i])
+            return results
         finally:
-            # after a failure, requests not yet started are dropped rather than sent
+            # after a failure or an interrupt, requests not yet started are dropped rather than sent
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _request(self, what: str, body: dict, parse: Callable[[dict], T]) -> T:
+    def _request(self, what: str, body: dict, parse: Callable[[dict], T], chat: bool = False) -> T:
         def call() -> T:
-            raw = self._client.completions.with_raw_response.create(model=self.model, **body)
+            endpoint = self._client.chat.completions if chat else self._client.completions
+            raw = endpoint.with_raw_response.create(model=self.model, **body)
             try:
                 return parse(raw.http_response.json())
             except (json.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError) as e:
@@ -176,6 +228,8 @@ class OpenAIEngine:
         return self._retrying(what, call)
 
     def _retrying(self, what: str, call: Callable[[], T]) -> T:
+        import openai
+
         for attempt in range(self.max_retries + 1):
             try:
                 return call()
@@ -186,7 +240,8 @@ class OpenAIEngine:
                         _CONTEXT_REFUSAL.search(message) or e.code == "context_length_exceeded"
                     ):
                         raise _PromptTooLong(message) from None
-                    raise UserError(f"{self.base_url}: {what} refused (HTTP {e.status_code}): {message}") from None
+                    hint = "; check OPENAI_API_KEY" if e.status_code in (401, 403) else ""
+                    raise UserError(f"{self.base_url}: {what} refused (HTTP {e.status_code}): {message}{hint}") from None
                 error = f"{type(e).__name__} (HTTP {e.status_code}): {self._server_message(e)}"
                 wait = _retry_after_s(e.response)
             except openai.APIConnectionError as e:  # timeouts included
@@ -197,7 +252,7 @@ class OpenAIEngine:
                 time.sleep(max(backoff_s(attempt), wait))
         raise UserError(f"{self.base_url}: {what} failed after {self.max_retries + 1} attempts: {error}")
 
-    def _server_message(self, e: openai.APIStatusError) -> str:
+    def _server_message(self, e) -> str:
         """The server's own explanation, on one short line, without the key."""
         body = e.body
         if isinstance(body, dict):
@@ -210,6 +265,7 @@ class OpenAIEngine:
     def _check_model(self) -> None:
         """Fail before any work when the server does not serve `model`: llama.cpp and
         llama-cpp-python would silently answer with whatever model they hold."""
+        import openai
 
         def call() -> list[str] | None:
             try:
@@ -281,3 +337,47 @@ def _candidate_logprobs(data: dict, candidates: Sequence[str]) -> list[tuple[flo
         else:
             out.append((min(top.values()) - math.log(2), f"{c}(not in top-{TOP_LOGPROBS})"))
     return out
+
+
+# ---- the flags of every command that can use a server
+
+
+def add_arguments(p, backend: bool = True):
+    """--base-url, --concurrency, --max-retries, --timeout (and with `backend`, --backend and --api-model) in one
+    group, with the same defaults on every command; returns the group."""
+    g = p.add_argument_group("OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp, OpenAI); "
+                             "the key comes from $OPENAI_API_KEY or $RLCD_API_KEY, never a flag")
+    if backend:
+        g.add_argument("--backend", default="hf", choices=["hf", "openai"],
+                       help="hf: the in-process model of --model; openai: the model --api-model of the server (default hf)")
+        g.add_argument("--api-model", help="the model's name on the server, as its /v1/models lists it (needed with --backend openai)")
+    g.add_argument("--base-url", help=f"server URL, e.g. http://127.0.0.1:8000/v1 (default: $OPENAI_BASE_URL, else {DEFAULT_BASE_URL})")
+    g.add_argument("--concurrency", type=int, default=CONCURRENCY, help=f"requests in flight (default {CONCURRENCY})")
+    g.add_argument("--max-retries", type=int, default=MAX_RETRIES,
+                   help="retries of a request after a transient fault (429, 5xx, timeout, dropped connection, unparsable reply), "
+                        f"with exponential backoff and jitter, waiting at least the server's Retry-After (default {MAX_RETRIES})")
+    g.add_argument("--timeout", type=float, default=TIMEOUT_S, help=f"seconds to wait for one reply (default {TIMEOUT_S:g})")
+    return g
+
+
+def check_arguments(args, uses_server: bool) -> None:
+    """One-line errors for the server flags, before any work; with `uses_server` also the URL and key."""
+    checks = [
+        (args.concurrency >= 1, "--concurrency must be at least 1"),
+        (args.timeout > 0, "--timeout must be positive"),
+        (args.max_retries >= 0, "--max-retries must be >= 0"),
+        (getattr(args, "backend", None) != "openai" or args.api_model, "--backend openai needs --api-model (the model's name on the server)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    if uses_server:
+        server_key(server_url(args.base_url))
+
+
+def from_arguments(args) -> tuple[OpenAIEngine, dict]:
+    """The engine of --backend openai, and what a manifest records of it (never the key). A prompt the server
+    refuses as too long comes back as finish_reason "too_long", for the caller to skip and count."""
+    engine = OpenAIEngine(args.base_url, args.api_model, concurrency=args.concurrency, max_retries=args.max_retries,
+                          timeout=args.timeout, skip_too_long=True)
+    return engine, {"backend": "openai", "base_url": engine.base_url, "api_model": engine.model}
