@@ -53,6 +53,15 @@ def test_demo_plan_runs_every_stage_in_order(tmp_path):
     assert "judge-agreement" in compare.deps and compare.argv[compare.argv.index("--judge-agreement") + 1] == str(measured.output)
 
 
+def test_judge_agreement_measures_the_judge_compare_uses(tmp_path):
+    server = {"judge": "openai:m", "base-url": "http://127.0.0.1:9", "concurrency": 3, "max-retries": 1, "timeout": 7}
+    cfg = {**demo(), "compare": {**demo()["compare"], **server}}
+    stages = {s.name: s for s in pipeline.plan(cfg, tmp_path)}
+    measured, compare = stages["judge-agreement"].argv, stages["compare/base-vs-rlcd-ppo"].argv
+    for flag, value in server.items():
+        assert measured[measured.index(f"--{flag}") + 1] == compare[compare.index(f"--{flag}") + 1] == str(value)
+
+
 def test_refusal_probe_stages_for_every_system(tmp_path):
     cfg = {**demo(), "refusals": {"max-new-tokens": 7}}
     stages = {s.name: s for s in pipeline.plan(cfg, tmp_path)}

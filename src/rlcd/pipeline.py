@@ -34,6 +34,9 @@ from rlcd.files import UserError, atomic_write_text, now
 from rlcd.text import terminal_safe
 
 TRAINERS = {"ppo", "sft", "dpo", "rloo"}
+# the compare settings that describe the judge: judge-agreement measures the same judge the same way
+JUDGE_FLAGS = ("judge", "judge-mode", "prompt-format", "base-url", "concurrency", "max-retries", "timeout", "max-new-tokens",
+               "batch-size", "device", "dtype")
 SECTIONS = {"run-dir", "model", "task", "seed", "prompts-file", "test-file", "simulate", "train-rm", "eval-rm", "systems",
             "format-prompts", "generate", "score", "compare", "refusals", "report"}
 
@@ -178,7 +181,7 @@ def plan(cfg: dict, run: Path) -> list[Stage]:
         compare.setdefault("prompt-format", task if task in ("harmless", "helpful") else "harmless")
         # the judge is measured against the human labels of the test file first, and compare prints that beside its win rates
         split, num_pairs = compare.pop("agreement-split", "test"), compare.pop("agreement-pairs", None)
-        judge_flags = {k: v for k, v in compare.items() if k in ("judge", "judge-mode", "prompt-format", "base-url", "batch-size", "device", "dtype")}
+        judge_flags = {k: v for k, v in compare.items() if k in JUDGE_FLAGS}
         judge_flags["num-pairs"] = num_pairs
         agreement = run / "compare" / "judge-agreement.json"
         stages.append(Stage("judge-agreement", ["judge-agreement", "--data-path", test, "--split", split, "--out-file", str(agreement),
