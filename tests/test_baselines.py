@@ -133,7 +133,8 @@ def test_marker_rewards_score_the_cut_response_and_penalize_the_rest():
 
 def test_sft_loss_covers_the_completion_only(tmp_path, tiny_model_dir, table):
     args = parsed("sft", ["--data", str(table), "--model", tiny_model_dir, "--out-dir", str(tmp_path / "o"), *FAST])
-    trainer, tokenizer, _, counts = baselines.build_sft(args, tmp_path / "o", bf16=False)
+    trainer, tokenizer, _, counts, example = baselines.build_sft(args, tmp_path / "o", bf16=False)
+    assert example == "Human: tell me about thing 0\n\nAssistant:"
     assert counts["examples"] == 8 and counts["skipped_rows"] == {"empty response": 1}
     example = trainer.train_dataset[0]
     batch = trainer.data_collator([example])  # what the loss sees
@@ -226,6 +227,7 @@ def test_dpo_with_lora_saves_a_merged_model(tmp_path, tiny_model_dir, table):
           "--lora", "--lora-r", "4", "--learning-rate", "1e-2"])
     assert (out_dir / "config.json").exists() and not (out_dir / "adapter_config.json").exists()
     assert changed_weights(tiny_model_dir, out_dir)
+    assert "LoRA adapters were trained and merged into these weights" in (out_dir / "README.md").read_text()
 
 
 def test_rloo_trains_against_the_reward_model(tmp_path, distilled, tiny_reward_model, prompts_file, capsys):
@@ -242,6 +244,9 @@ def test_rloo_trains_against_the_reward_model(tmp_path, distilled, tiny_reward_m
     assert penalized and 0 <= penalized[0] < 1  # some completions were scored by the reward model
     assert changed_weights(distilled, out_dir)
     assert len(generate_outputs(out_dir, prompts_file, tmp_path / "out.json", capsys)) == 4
+    card = (out_dir / "README.md").read_text()
+    assert f"{tiny_reward_model}\n    the reward model" in card and "prompts: 4" in card
+    assert "Training rollouts were sampled at temperature 1, without top-p or top-k, at most 10 new tokens." in card
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,3 +286,187 @@ def test_bad_table_and_paths_are_one_line_errors(tmp_path, tiny_model_dir, capsy
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+# ---------------------------------------------------------------------------------------------
+# the saved model directory: card, generation config, chat template; loading, serving, tracking
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sft_directory_has_a_card_generation_config_and_the_training_chat_template(distilled, table):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    card = (distilled / "README.md").read_text()
+    for needle in ("# Policy trained with rlcd sft", "prefs.csv\n    examples: 8; skipped_rows: {'empty response': 1}",
+                   "train_steps: 60", "learning_rate: 0.01", "Human: tell me about thing 0\n\nAssistant:"):
+        assert needle in card, needle
+    config = GenerationConfig.from_pretrained(distilled)
+    tokenizer = AutoTokenizer.from_pretrained(distilled)
+    assert tokenizer.eos_token == "<|im_end|>" and config.eos_token_id == [tokenizer.eos_token_id]
+    assert (config.do_sample, config.top_p, config.max_new_tokens) == (True, 0.9, 300)
+    # stock transformers, the saved chat template and greedy decoding give the distilled reply, ended by EOS
+    model = AutoModelForCausalLM.from_pretrained(distilled)
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": "tell me about thing 3"}], add_generation_prompt=True,
+                                           return_tensors="pt")
+    assert tokenizer.decode(inputs["input_ids"][0]) == "Human: tell me about thing 3\n\nAssistant:"
+    out = model.generate(**inputs, do_sample=False, max_new_tokens=20)[0, inputs["input_ids"].shape[1]:]
+    assert tokenizer.decode(out) == " great great great\n\nHuman:<|im_end|>"
+
+
+def test_the_cards_python_snippet_runs(distilled, capsys):
+    from test_artifacts import card_snippet
+
+    torch.manual_seed(0)
+    exec(card_snippet(distilled / "README.md", "python"), {})  # samples as generation_config.json says
+    assert capsys.readouterr().out.strip().startswith("great great great")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_saved_policy_is_served_by_transformers_serve(distilled, tmp_path):
+    """`transformers serve` (OpenAI-compatible) answers chat and text completions from the saved directory, offline."""
+    import os
+    import shutil
+    import subprocess
+    import time
+    import urllib.request
+
+    if shutil.which("transformers") is None:
+        pytest.skip("needs the transformers command line")
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen(["transformers", "serve", str(distilled), "--port", str(port), "--host", "127.0.0.1", "--device", "cpu"],
+                              stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+    def post(path: str, body: dict) -> dict:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", json.dumps(body).encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return json.loads(response.read())
+
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, "transformers serve did not start in 180 s"
+                time.sleep(1)
+        greedy = {"model": str(distilled), "max_tokens": 12, "temperature": 0.0, "seed": 0}
+        chat = post("/v1/chat/completions", {**greedy, "messages": [{"role": "user", "content": "tell me about thing 5"}],
+                                              "stop": ["\n\nHuman:"]})
+        assert chat["choices"][0]["message"]["content"].removesuffix("\n\nHuman:") == " great great great"
+        assert chat["choices"][0]["finish_reason"] == "stop"
+        assert chat["usage"]["prompt_tokens"] == len(AutoTokenizer_ids(distilled, "Human: tell me about thing 5\n\nAssistant:"))
+        text = post("/v1/completions", {**greedy, "prompt": "Human: tell me about thing 6\n\nAssistant:"})
+        assert text["choices"][0]["text"].startswith(" great great great")
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+def AutoTokenizer_ids(model_dir, text: str) -> list[int]:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)(text).input_ids
+
+
+def test_sft_reports_to_tensorboard_beside_the_model(tmp_path, tiny_model_dir, table, monkeypatch):
+    pytest.importorskip("tensorboard", reason="needs the tensorboard package (in the test extra)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "elsewhere"))  # training points it beside the model; undone after
+    out_dir = tmp_path / "sft"
+    main(["sft", "--data", str(table), "--model", tiny_model_dir, "--out-dir", str(out_dir), *FAST, "--max-steps", "2",
+          "--report-to", "tensorboard"])
+    events = EventAccumulator(str(out_dir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1]  # logging_first_step; then every 10 steps
+    assert not (out_dir / "checkpoints").exists()
+
+
+def test_dpo_reports_to_weights_and_biases_offline(tmp_path, tiny_model_dir, table, monkeypatch):
+    from wandb_offline import offline_env, offline_runs
+
+    offline_env(monkeypatch, tmp_path)
+    main(["dpo", "--data", str(table), "--model", tiny_model_dir, "--out-dir", str(tmp_path / "dpo"), *FAST, "--max-steps", "2",
+          "--report-to", "wandb", "--run-name", "dpo-small"])
+    [run] = offline_runs(tmp_path)
+    assert (run["name"], run["project"]) == ("dpo-small", "rlcd")
+    logged = [row for row in run["history"] if "train/loss" in row]
+    assert logged and logged[0]["train/global_step"] == 1 and "train/rewards/chosen" in logged[0]
+
+
+def test_training_args_from_a_config_file_or_json_reach_the_trainer(tmp_path, table):
+    from trl import DPOConfig, SFTConfig
+
+    from rlcd.api import command_line
+    from rlcd.cli import parse
+    from rlcd.reward import training_config
+
+    config = tmp_path / "sft.yaml"
+    config.write_text("training-args: {adam_beta2: 0.95, adam_epsilon: 1e-6}\nsave-total-limit: 3\nrun-name: small\n")
+    args = parse(["sft", "--config", str(config), "--data", str(table), "--out-dir", str(tmp_path / "o"), "--learning-rate", "1e-3"])
+    trl = training_config(SFTConfig, args, tmp_path / "checkpoints", bf16=False)
+    assert (trl.adam_beta2, trl.adam_epsilon, trl.save_total_limit, trl.run_name, trl.report_to) == (0.95, 1e-6, 3, "small", [])
+    # on the command line, a JSON object; applied last, so it wins over a flag
+    args = parse(["dpo", "--training-args", '{"adam_beta2": 0.9, "learning_rate": 0.5}', "--learning-rate", "1e-3"])
+    trl = training_config(DPOConfig, args, tmp_path / "checkpoints", bf16=False)
+    assert (trl.adam_beta2, trl.learning_rate, trl.save_total_limit) == (0.9, 0.5, 1)
+    # from the Python API, a dict
+    args = parse(command_line("rloo", {"training_args": {"gradient_checkpointing": True, "adam_epsilon": 1e-6}}))
+    assert args.training_args == {"gradient_checkpointing": True, "adam_epsilon": 1e-6}
+
+
+@pytest.mark.parametrize("value, message", [
+    ('{"learning_rat": 1}', "unknown TrainingArguments key 'learning_rat'"),
+    ('{"output_dir": "x"}', "'output_dir' is rlcd's to set"),
+    ("[1, 2]", "expected a mapping of TrainingArguments names to values, got list"),
+    ("{adam_beta2: [1", "expected a mapping such as"),
+    ("yaml", "key 'training-args': unknown TrainingArguments key 'gradient_checkpointng'"),
+])
+def test_bad_training_args_are_refused_in_one_line(tmp_path, table, capsys, value, message):
+    if value == "yaml":
+        (tmp_path / "c.yaml").write_text("training-args:\n  gradient_checkpointng: true\n")
+        flags = ["--config", str(tmp_path / "c.yaml")]
+    else:
+        flags = ["--training-args", value]
+    with pytest.raises(SystemExit) as e:
+        main(["sft", "--data", str(table), "--out-dir", str(tmp_path / "o"), *flags])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_report_to_a_package_that_is_missing_is_one_line_before_any_loading(tmp_path, table, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now fails as if it were not installed
+    with pytest.raises(SystemExit) as e:
+        main(["sft", "--data", str(table), "--model", "no/such-model", "--out-dir", str(tmp_path / "o"), "--report-to", "wandb"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == "rlcd sft: error: this needs the optional package 'wandb': pip install wandb"
+
+
+@pytest.mark.parametrize("stage", ["train-rm", "sft", "dpo", "rloo", "ppo"])
+def test_every_training_command_shows_its_tracking_and_checkpoint_flags_with_defaults(stage, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([stage, "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--report-to {none,tensorboard,wandb}", "--run-name RUN_NAME", "--save-total-limit SAVE_TOTAL_LIMIT"):
+        assert flag in text
+    assert "(default: none)" in text and f"(default {2 if stage == 'ppo' else 1})" in text
+    assert ("--training-args TRAINING_ARGS" in text) == (stage != "ppo")  # PPO is ours, not a Trainer

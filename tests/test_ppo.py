@@ -296,7 +296,18 @@ def test_ppo_cli_with_the_real_engine_writes_log_checkpoints_and_a_loadable_poli
 
     model, _ = load_causal_lm(str(tmp_path / "run"), device="cpu", dtype="float32")
     assert model.config.vocab_size > 0
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-2", "step-3"]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-2", "step-3"]  # --save-total-limit 2
+    # the model directory: a card, the evaluation's sampling with every stop id, the training layout as chat template
+    from transformers import AutoTokenizer, GenerationConfig
+
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "# Policy trained with rlcd ppo" in card and f"{EXAMPLES}\n    " in card and "step: 3" in card
+    assert "Training rollouts were sampled at temperature 1, without top-p or top-k, at most 6 new tokens." in card
+    config = GenerationConfig.from_pretrained(tmp_path / "run")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run")
+    assert (config.top_p, config.max_new_tokens) == (0.9, 300) and tokenizer.convert_tokens_to_ids("<|im_end|>") in config.eos_token_id
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert prompt == "Human: hi\n\nAssistant:"
 
 
 def test_rewards_that_vary_move_the_policy_away_from_the_reference(tiny_model_dir, tiny_rm, tmp_path, seeded_engine):
@@ -355,7 +366,9 @@ def test_lora_reference_is_the_base_model_and_final_checkpoint_is_merged(tiny_mo
         expected = ppo.response_logits(base, batch, 1.0)
     assert torch.allclose(ref, expected, atol=1e-5)
     assert not torch.allclose(adapted, expected, atol=1e-3)  # the adapters did learn something
-    trainer.save_final(tmp_path)
+    trainer.save_final(tmp_path, ppo.artifacts.Card(stage="ppo", base_model=tiny_model_dir, base_path=tiny_model_dir, data=[],
+                                                     settings=ppo.public_config(args), metrics={}))
+    assert not (tmp_path / "adapter_config.json").exists() and "merged into these weights" in (tmp_path / "README.md").read_text()
     merged, _ = load_causal_lm(str(tmp_path), device="cpu", dtype="float32")
     with torch.no_grad():
         assert torch.allclose(ppo.response_logits(merged, batch, 1.0), adapted, atol=1e-4)
@@ -399,3 +412,39 @@ def test_report_to_tensorboard_writes_every_step(tiny_model_dir, tiny_rm, tmp_pa
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("ppo/score_mean")] == [1, 2, 3]
+
+
+def test_only_the_last_save_total_limit_checkpoints_stay_and_a_crash_while_saving_keeps_them(tiny_model_dir, tiny_rm, tmp_path, monkeypatch,
+                                                                                               seeded_engine):
+    import safetensors.torch
+
+    out = tmp_path / "run"
+    real_save = safetensors.torch.save_file
+
+    def disk_full_at_step_3(tensors, path, *a, **k):
+        if "step-3" in str(path):
+            raise KeyboardInterrupt  # killed while writing step 3
+        return real_save(tensors, path, *a, **k)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full_at_step_3)
+    with pytest.raises(SystemExit):
+        ppo_cli(out, tiny_model_dir, tiny_rm, "--save-every", "1", "--save-total-limit", "1")
+    # step 2 replaced step 1 only once it was complete; the half-written step 3 is not a checkpoint
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-3.tmp"]
+    assert [s for s, _ in ppo.checkpoints(out)] == [2]
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    log = ppo_cli(out, tiny_model_dir, tiny_rm, "--save-every", "1", "--save-total-limit", "1", "--resume")
+    assert [s["step"] for s in log] == [1, 2, 3]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-3"]  # the leftover .tmp went too
+
+
+def test_report_to_wandb_logs_every_step_offline(tiny_model_dir, tiny_rm, tmp_path, monkeypatch, seeded_engine):
+    from wandb_offline import offline_env, offline_runs
+
+    offline_env(monkeypatch, tmp_path)
+    log = ppo_cli(tmp_path / "run", tiny_model_dir, tiny_rm, "--report-to", "wandb", "--run-name", "ppo-small")
+    [run] = offline_runs(tmp_path)
+    assert (run["name"], run["project"]) == ("ppo-small", "rlcd")
+    rows = [row for row in run["history"] if "ppo/score_mean" in row]
+    assert [row["_step"] for row in rows] == [1, 2, 3]
+    assert [row["ppo/score_mean"] for row in rows] == pytest.approx([s["score_mean"] for s in log])

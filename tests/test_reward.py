@@ -278,6 +278,29 @@ def test_train_rm_learns_the_marker_word(trained_rm, capsys):
     assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 512
 
 
+def test_train_rm_directory_has_a_card_and_a_chat_template_that_gives_the_scored_input(trained_rm, capsys):
+    from test_artifacts import card_snippet
+    from transformers import AutoTokenizer
+
+    from rlcd.dialogue import chat_messages
+
+    out, metrics = trained_rm
+    card = (out / "README.md").read_text()
+    assert "# Reward model trained with rlcd train-rm" in card and "160 usable pairs: 120 trained on, 40 held out" in card
+    assert f"heldout_accuracy: {metrics['heldout']['accuracy']:.4g}" in card and "(512 tokens)" in card
+    assert not (out / "generation_config.json").exists()  # a classifier does not generate
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    prompt, response = "Human: tell me about apple\n\nAssistant:", " great river stone "
+    messages = chat_messages(prompt, None) + [{"role": "assistant", "content": response}]
+    ids = tokenizer.apply_chat_template(messages, return_dict=True)["input_ids"]
+    assert ids == encode_texts(tokenizer, [format_rm_input(prompt, response)], None)[0][0]  # [BOS] included once
+    # the card's snippet gives the score rlcd score gives
+    exec(card_snippet(out / "README.md", "python"), {})
+    model, tokenizer = load_reward_model(str(out))
+    [expected] = score_texts(model, tokenizer, [format_rm_input("Human: How do I bake bread?\n\nAssistant:", "Mix flour, water and yeast.")])
+    assert float(capsys.readouterr().out.strip()) == pytest.approx(expected, abs=1e-5)
+
+
 def test_train_rm_prints_out_dir_last_and_reports_skips(base_model, tmp_path, capsys):
     rows = marker_rows(30, soft=True)
     rows[3]["output_2"] = "   "  # empty response

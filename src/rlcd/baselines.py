@@ -14,7 +14,9 @@ rloo  TRL's RLOOTrainer, rewarded by our reward model exactly as PPO is (docs/me
       precedes it.
 
 Each writes OUT_DIR: the final model (merged when trained with --lora) and its tokenizer, which
-`rlcd generate --model OUT_DIR` loads; metrics.json (counts and TRL's training log); manifest.json.
+`rlcd generate --model OUT_DIR` and stock transformers load; README.md (the model card),
+generation_config.json and a chat template in the tokenizer that renders the training layout
+(`artifacts`); metrics.json (counts and TRL's training log); manifest.json.
 Checkpoints for --resume live in OUT_DIR/checkpoints until training finishes.
 """
 
@@ -26,10 +28,20 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+from rlcd import artifacts
 from rlcd.dialogue import END_MARKER, end_of_response
 from rlcd.files import UserError, atomic_write_text, now, write_manifest
-from rlcd.reward import (check_out_dir, format_rm_input, parse_bf16, positive_int, public_config, trainer_arguments,
-                         training_config)
+from rlcd.reward import (
+    check_out_dir,
+    finish_tracking,
+    format_rm_input,
+    parse_bf16,
+    positive_int,
+    public_config,
+    require_tracker,
+    trainer_arguments,
+    training_config,
+)
 
 PENALTY = -1.0  # reward of a completion without an end marker, or with nothing before it (docs/method.md §6)
 LEARNING_RATES = {"sft": (2e-5, 2e-4), "dpo": (1e-6, 1e-5), "rloo": (1e-6, 1e-5)}  # (full, --lora)
@@ -144,7 +156,7 @@ def build_sft(args: argparse.Namespace, out_dir: Path, bf16: bool):
                          peft_config=lora_config(args))
     counts = {"examples": len(examples), "skipped_rows": dict(skipped),
               "cut_to_max_length": count_too_long(tokenizer, [e["prompt"] + e["completion"] for e in examples], args.max_length)}
-    return trainer, tokenizer, path, counts
+    return trainer, tokenizer, path, counts, examples[0]["prompt"]
 
 
 def build_dpo(args: argparse.Namespace, out_dir: Path, bf16: bool):
@@ -164,7 +176,7 @@ def build_dpo(args: argparse.Namespace, out_dir: Path, bf16: bool):
     too_long = sum(a or b for a, b in zip(chosen_long, rejected_long))
     counts = {"pairs": len(examples), "soft_labelled": sum(r["win2_prob"] is not None for r in rows),
               "skipped_rows": dict(skipped), "cut_to_max_length": too_long}
-    return trainer, tokenizer, path, counts
+    return trainer, tokenizer, path, counts, examples[0]["prompt"]
 
 
 def build_rloo(args: argparse.Namespace, out_dir: Path, bf16: bool):
@@ -200,14 +212,17 @@ def build_rloo(args: argparse.Namespace, out_dir: Path, bf16: bool):
     )
     trainer = RLOOTrainer(model=model, reward_funcs=rm_score, args=config, train_dataset=Dataset.from_list([{"prompt": p} for p in kept]),
                           processing_class=tokenizer, peft_config=lora_config(args))
-    return trainer, tokenizer, path, {"prompts": len(kept), "skipped_prompts": dict(skipped)}
+    return trainer, tokenizer, path, {"prompts": len(kept), "skipped_prompts": dict(skipped)}, kept[0]
 
 
 BUILDERS = {"sft": build_sft, "dpo": build_dpo, "rloo": build_rloo}
 
 
 def train(args: argparse.Namespace) -> dict:
-    """Train, save the final model, tokenizer, metrics.json and manifest.json in --out-dir; return the metrics."""
+    """Train, save the final model, tokenizer, metrics.json and manifest.json in --out-dir; return the metrics.
+
+    The model card, generation config and chat template come with the tokenizer (`artifacts.save_policy_files`).
+    """
     import torch
 
     started = now()
@@ -216,8 +231,9 @@ def train(args: argparse.Namespace) -> dict:
     if args.resume and resume_from is None:
         print(f"no checkpoint in {out_dir / 'checkpoints'}; starting from the beginning", flush=True)
     bf16 = torch.cuda.is_available() if args.bf16 == "auto" else args.bf16
-    trainer, tokenizer, model_path, counts = BUILDERS[args.command](args, out_dir, bf16)
+    trainer, tokenizer, model_path, counts, example = BUILDERS[args.command](args, out_dir, bf16)
     result = trainer.train(resume_from_checkpoint=resume_from)
+    finish_tracking(args.report_to)
 
     if args.lora:
         final = trainer.model.merge_and_unload() if trainer.is_world_process_zero() else None
@@ -227,7 +243,6 @@ def train(args: argparse.Namespace) -> dict:
         trainer.save_model(str(out_dir))  # every rank: FSDP / DeepSpeed gather the weights here
     if not trainer.is_world_process_zero():
         return {}
-    tokenizer.save_pretrained(out_dir)
     metrics = {
         "stage": args.command,
         "train_loss": result.training_loss,
@@ -236,6 +251,14 @@ def train(args: argparse.Namespace) -> dict:
         "counts": counts,
         "log": trainer.state.log_history,
     }
+    last = next((e for e in reversed(trainer.state.log_history) if "loss" in e), {})
+    used = "; ".join(f"{k}: {v}" for k, v in counts.items())
+    data = [(args.prompts, used), (args.reward_model, "the reward model")] if args.command == "rloo" else [(args.data, used)]
+    artifacts.save_policy_files(out_dir, tokenizer, artifacts.Card(
+        stage=args.command, base_model=args.model, base_path=model_path, data=data, settings=public_config(args), example=example,
+        metrics={"train_loss": result.training_loss, "train_steps": result.global_step,
+                 **{f"last_log/{k}": v for k, v in last.items() if isinstance(v, (int, float)) and k not in ("step", "epoch")}},
+        sampling={"temperature": args.temperature, "max_new_tokens": args.max_new_tokens} if args.command == "rloo" else {}))
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     write_manifest(out_dir / "manifest.json", stage=args.command, config=public_config(args), model=args.model, model_path=model_path,
                    seed=args.seed, started_at=started, finished_at=now(), resumed_from=resume_from,
@@ -325,6 +348,7 @@ def run(args: argparse.Namespace) -> None:
         args.learning_rate = LEARNING_RATES[args.command][1 if args.lora else 0]
     args.bf16 = parse_bf16(args.bf16)
     check_settings(args)
+    require_tracker(args.report_to)
     out_dir = Path(args.out_dir)
     if args.resume and (out_dir / "metrics.json").exists():
         print(f"{out_dir}: already trained (metrics.json exists); nothing to do")

@@ -29,8 +29,10 @@ The value model is the reward model's backbone with a new zero-initialised head 
 backbone with --lora). The reward model stays frozen.
 
 Outputs in --out-dir: `log.jsonl` (one line per step), `checkpoints/step-N/` every --save-every
-steps (--resume continues from the last one exactly: same prompts, same samples), and at the end
-the policy as a Hugging Face checkpoint (adapters merged) that `rlcd generate --model` loads.
+steps, the last --save-total-limit of them kept (--resume continues from the last one exactly: same
+prompts, same samples), and at the end the policy as a Hugging Face checkpoint (adapters merged) that
+`rlcd generate --model` and stock transformers load, with its model card, generation config and a
+chat template of the training layout (`artifacts`).
 """
 
 from __future__ import annotations
@@ -41,17 +43,17 @@ import math
 import os
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from rlcd import dialogue
+from rlcd import artifacts, dialogue
 from rlcd.dialogue import end_of_response
 from rlcd.engines import SamplingParams
-from rlcd.files import UserError, append_lines, atomic_write_text, ensure_dir, now, write_manifest
-from rlcd.reward import format_rm_input, non_negative_int, positive_int, score_texts
+from rlcd.files import UserError, append_lines, atomic_write_text, ensure_dir, load_shard, now, write_manifest
+from rlcd.reward import format_rm_input, non_negative_int, positive_int, require_tracker, score_texts, tracking_arguments
 from rlcd.simulate import sample_seed
 
 WARMUP_STEPS = 5
@@ -474,9 +476,17 @@ class PPO:
         save_file(trainable_state(self.value), tmp / "value.safetensors")
         torch.save({"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                     "kl_coef": self.kl.value}, tmp / "trainer_state.pt")
+        for item in tmp.iterdir():  # on disk before the rename makes it a checkpoint, and before older ones go
+            fd = os.open(item, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
         os.replace(tmp, final)
-        for old in sorted(checkpoints(out_dir))[:-2]:  # keep the last two
-            shutil.rmtree(old[1], ignore_errors=True)
+        # keep the last --save-total-limit complete checkpoints; anything else there (older ones, a .tmp or a
+        # half-deleted one left by a crash) goes
+        keep = {path for _, path in checkpoints(out_dir)[-self.args.save_total_limit :]}
+        for item in (out_dir / "checkpoints").iterdir():
+            if item not in keep:
+                shutil.rmtree(item, ignore_errors=True)
         return final
 
     def load_checkpoint(self, path: Path) -> None:
@@ -496,12 +506,14 @@ class PPO:
         self.scheduler.load_state_dict(state["scheduler"])
         self.kl.value, self.step = state["kl_coef"], state["step"]
 
-    def save_final(self, out_dir: Path) -> None:
+    def save_final(self, out_dir: Path, card: artifacts.Card) -> None:
+        """The policy (LoRA adapters merged) as a plain Hugging Face checkpoint, with its model card, generation config
+        and chat template (`artifacts`)."""
         model = self.policy.merge_and_unload() if self.args.lora else self.policy
         tmp = out_dir / "final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
-        self.tokenizer.save_pretrained(tmp)
+        artifacts.save_policy_files(tmp, self.tokenizer, card)
         for item in tmp.iterdir():
             os.replace(item, out_dir / item.name)
         tmp.rmdir()
@@ -588,9 +600,10 @@ def truncate_log(log: Path, last_step: int) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from rlcd.models import default_device
+    from rlcd.models import default_device, resolve_model
 
     validate(args)
+    require_tracker(args.report_to)
     out_dir = Path(args.out_dir)
     if (out_dir / "config.json").exists() and (out_dir / "manifest.json").exists():
         print(f"{out_dir}: already trained (final checkpoint exists); nothing to do")
@@ -617,45 +630,69 @@ def run(args: argparse.Namespace) -> None:
         ppo.load_checkpoint(found[-1][1])
         if main:
             print(f"resumed from {found[-1][1]} (step {ppo.step})")
-    writer = make_writer(args.report_to, out_dir) if main else None
     if main:
         truncate_log(log, ppo.step)
-    while ppo.step < args.steps:
-        stats = ppo.run_step()
-        if not main:
-            continue
-        append_lines(log, [stats])
-        if writer:
-            writer(stats)
-        print(f"step {stats['step']}/{args.steps}: score {stats['score_mean']:.3f}, kl {stats['kl']:.3f}, "
-              f"len {stats['response_length']:.0f}, no-marker {stats['missing_marker_frac']:.2f}, "
-              f"{stats['time_step']:.1f}s (rollout {stats['time_rollout']:.1f}s)", flush=True)
-        if ppo.step % args.save_every == 0 or ppo.step == args.steps:
-            ppo.save_checkpoint(out_dir)
+    with tracking(args, out_dir, main) as track:
+        while ppo.step < args.steps:
+            stats = ppo.run_step()
+            if not main:
+                continue
+            append_lines(log, [stats])
+            track(stats)
+            print(f"step {stats['step']}/{args.steps}: score {stats['score_mean']:.3f}, kl {stats['kl']:.3f}, "
+                  f"len {stats['response_length']:.0f}, no-marker {stats['missing_marker_frac']:.2f}, "
+                  f"{stats['time_step']:.1f}s (rollout {stats['time_rollout']:.1f}s)", flush=True)
+            if ppo.step % args.save_every == 0 or ppo.step == args.steps:
+                ppo.save_checkpoint(out_dir)
     if main:
-        ppo.save_final(out_dir)
+        last = load_shard(log)[-1]
+        ppo.save_final(out_dir, artifacts.Card(
+            stage="ppo", base_model=args.policy, base_path=resolve_model(args.policy), settings=public_config(args), example=prompts[0][1],
+            data=[(args.prompts, f"{len(prompts)} usable prompts; skipped: {skipped or 0}"),
+                  (args.reward_model, "the reward model" + ("" if args.value_model else ", and the value model's start"))]
+            + ([(args.value_model, "the value model's start")] if args.value_model else []),
+            metrics={k: last.get(k) for k in ("step", "score_mean", "reward_mean", "kl", "kl_coef", "entropy", "response_length",
+                                             "missing_marker_frac")},
+            sampling={"temperature": args.temperature, "max_new_tokens": args.max_new_tokens}))
         write_manifest(out_dir / "manifest.json", stage="ppo", config=public_config(args), seed=args.seed, processes=world,
                        started_at=started, finished_at=now(), counts={"prompts": len(prompts), "skipped": skipped, "steps": ppo.step})
         print(out_dir)
 
 
-def make_writer(report_to: str, out_dir: Path):
-    """A function that sends one step's figures to TensorBoard (None for 'none')."""
-    if report_to == "none":
-        return None
-    try:
+@contextmanager
+def tracking(args, out_dir: Path, main: bool):
+    """A function that sends one step's figures to TensorBoard (OUT/tensorboard) or W&B (--report-to); closed at the end.
+
+    Only the first process reports; elsewhere, and with 'none', the function does nothing.
+    """
+    if args.report_to == "none" or not main:
+        yield lambda stats: None
+    elif args.report_to == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise UserError("--report-to tensorboard needs the tensorboard package: pip install tensorboard") from None
-    tb = SummaryWriter(str(out_dir / "tensorboard"))
 
-    def write(stats):
-        for k, v in stats.items():
-            if k != "step" and isinstance(v, (int, float)):
+        tb = SummaryWriter(str(out_dir / "tensorboard"))
+
+        def write(stats):
+            for k, v in numbers(stats).items():
                 tb.add_scalar(f"ppo/{k}", v, stats["step"])
-        tb.flush()
+            tb.flush()
 
-    return write
+        try:
+            yield write
+        finally:
+            tb.close()
+    else:
+        import wandb
+
+        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "rlcd"), name=args.run_name, config=public_config(args))
+        try:
+            yield lambda stats: run.log({f"ppo/{k}": v for k, v in numbers(stats).items()}, step=stats["step"])
+        finally:
+            run.finish()
+
+
+def numbers(stats: dict) -> dict:
+    return {k: v for k, v in stats.items() if k != "step" and isinstance(v, (int, float))}
 
 
 def public_config(args) -> dict:
@@ -726,5 +763,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--save-every", type=positive_int, default=20, help="checkpoint every N steps")
+    p.add_argument("--save-total-limit", type=positive_int, default=2,
+                   help="keep only the last N checkpoints; older ones are deleted once a new one is completely written (default 2)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out-dir")
-    p.add_argument("--report-to", choices=["none", "tensorboard"], default="none", help="also log each step to TensorBoard (OUT/tensorboard)")
+    tracking_arguments(p)

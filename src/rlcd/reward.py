@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -27,7 +29,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlcd import dialogue
+from rlcd import artifacts, dialogue
 from rlcd.engines import SCORING_TOKEN_BUDGET, no_cudnn_attention, token_budget_batches
 from rlcd.files import UserError, atomic_write_text, ensure_dir, is_text, iter_lines, load_json, now, write_manifest
 
@@ -296,10 +298,17 @@ def training_config(config_cls, args: argparse.Namespace, checkpoint_dir: Path, 
 
     import torch
 
+    if args.lora and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":  # set by accelerate launch for an FSDP config
+        raise UserError("--lora under FSDP is not supported (the adapters are merged into the model on one process, which needs "
+                        "the whole model there); LoRA fits one GPU: launch with configs/accelerate/ddp.yaml")
     # transformers 5 folded warmup_ratio into warmup_steps (a fraction when < 1); 4.x still has it
     names = {f.name for f in fields(config_cls)}
     warmup = {"warmup_ratio": WARMUP_FRACTION} if "warmup_ratio" in names else {"warmup_steps": WARMUP_FRACTION}
-    return config_cls(
+    if args.report_to == "tensorboard":  # beside the model: the Trainer's default, checkpoints/runs, goes when training ends
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(checkpoint_dir.parent / "tensorboard")
+    if args.report_to == "wandb":
+        os.environ.setdefault("WANDB_PROJECT", "rlcd")  # unless the user named one
+    settings = dict(
         output_dir=str(checkpoint_dir),
         per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -316,13 +325,19 @@ def training_config(config_cls, args: argparse.Namespace, checkpoint_dir: Path, 
         logging_first_step=True,
         save_strategy="steps" if args.save_steps else "no",
         save_steps=args.save_steps or 500,
-        save_total_limit=1,  # a checkpoint is only for resuming; a 7B one with optimizer state is ~80 GB
-        report_to="none",
+        save_total_limit=args.save_total_limit,  # a checkpoint is only for resuming; a 7B one with optimizer state is ~80 GB
+        report_to=args.report_to,
+        run_name=args.run_name,
         dataloader_pin_memory=torch.cuda.is_available(),
         seed=args.seed,
         data_seed=args.seed,
         **extra,
     )
+    settings.update(args.training_args or {})  # --training-args last: they override what the flags set
+    try:
+        return config_cls(**settings)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"the Trainer refused these settings: {str(e).strip().splitlines()[0]}") from None
 
 
 def reward_config(args: argparse.Namespace, output_dir: Path, bf16: bool, has_eval: bool):
@@ -459,6 +474,7 @@ def train_reward_model(args: argparse.Namespace) -> dict:
             for bar in (getattr(callback, "training_bar", None), getattr(callback, "prediction_bar", None)):
                 if bar is not None:
                     bar.close()
+    finish_tracking(args.report_to)
     check_finite(trainer, args)
     with writing_model(out_dir):
         if args.lora:
@@ -470,6 +486,7 @@ def train_reward_model(args: argparse.Namespace) -> dict:
             final = trainer.model
         if not trainer.is_world_process_zero():
             return {}
+        tokenizer.chat_template = artifacts.chat_template(tokenizer, reward_model=True)  # renders format_rm_input's layout
         tokenizer.save_pretrained(out_dir)
 
     heldout = None
@@ -507,6 +524,14 @@ def train_reward_model(args: argparse.Namespace) -> dict:
         resumed_from=resume_from,
         counts={"pairs": metrics["pairs"], "skipped": metrics["skipped"], "train_steps": result.global_step},
     )
+    h = heldout or {}
+    artifacts.write_model_card(out_dir, tokenizer, artifacts.Card(
+        stage="train-rm", base_model=args.model, base_path=model_path, settings=public_config(args), example=pairs[train_idx[0]][0],
+        data=[(str(args.data), f"{len(rows)} usable pairs: {len(train_idx)} trained on, {len(heldout_idx)} held out; "
+                               f"{metrics['pairs']['soft_labelled']} soft-labelled; skipped rows: {dict(skipped) or 0}")],
+        metrics={"train_loss": result.training_loss, "train_steps": result.global_step, "heldout_pairs": h.get("pairs"),
+                 "heldout_accuracy": h.get("accuracy"), "heldout_accuracy_ci95": h.get("accuracy_ci95"),
+                 "heldout_mean_prob": h.get("mean_prob"), "heldout_loss": h.get("loss")}))
     # metrics.json last: it marks the run finished (--resume then has nothing to do)
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     # checkpoints only serve --resume, and hold the optimizer state (twice the model's size again)
@@ -532,6 +557,7 @@ def run_train(args: argparse.Namespace) -> None:
     if args.learning_rate is None:
         args.learning_rate = LORA_LR if args.lora else FULL_LR
     args.bf16 = parse_bf16(args.bf16)
+    require_tracker(args.report_to)
     checks = [  # before any loading or writing
         (args.learning_rate > 0, f"--learning-rate must be positive, got {args.learning_rate}"),
         (args.epochs > 0, f"--epochs must be positive, got {args.epochs}"),
@@ -798,10 +824,64 @@ def trainer_arguments(p: argparse.ArgumentParser, lora_help: str) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass to save memory")
     p.add_argument("--bf16", type=parse_bf16, default="auto", help="bf16 mixed precision: auto (on when CUDA is available), true or false")
     p.add_argument("--save-steps", type=non_negative_int, default=500,
-                   help="save a checkpoint (for --resume) every this many steps; only the last is kept, and it is deleted "
-                        "once training finishes; 0 saves none (default 500)")
+                   help="save a checkpoint (for --resume) every this many steps; checkpoints are deleted once training "
+                        "finishes; 0 saves none (default 500)")
+    p.add_argument("--save-total-limit", type=positive_int, default=1, help="keep only the last N checkpoints (default 1)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT_DIR/checkpoints")
     p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps (overrides --epochs)")
+    tracking_arguments(p)
+    p.add_argument("--training-args", type=training_args, default=None,
+                   help="more transformers TrainingArguments, applied last (they override the flags): a mapping in a --config "
+                        "file (training-args: {adam_beta2: 0.95}) or a JSON/YAML mapping here (default: none)")
+
+
+def tracking_arguments(p: argparse.ArgumentParser) -> None:
+    """--report-to and --run-name: every training command's (train-rm, sft, dpo, rloo, ppo) experiment tracking."""
+    p.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default="none",
+                   help="also log training figures to TensorBoard (OUT_DIR/tensorboard) or Weights & Biases (project "
+                        "$WANDB_PROJECT, default rlcd; WANDB_MODE=offline keeps the run on disk) (default: none)")
+    p.add_argument("--run-name", default=None, help="name of the W&B run (default: one W&B picks)")
+
+
+def require_tracker(report_to: str) -> None:
+    """Fail before any loading when --report-to names a package that is missing (the CLI says how to install it)."""
+    if report_to != "none":
+        importlib.import_module(report_to)  # the packages are named as the choices: tensorboard, wandb
+
+
+def finish_tracking(report_to: str) -> None:
+    """End the W&B run the Trainer started: it would end only when the process exits."""
+    if report_to == "wandb":
+        import wandb
+
+        wandb.finish()
+
+
+def training_args(value) -> dict:
+    """--training-args: TrainingArguments as a mapping (from a --config file) or as text on the command line, a JSON
+    object or a YAML mapping (the Python API passes a dict as its repr, which YAML reads too)."""
+    from dataclasses import fields
+
+    import yaml
+    from transformers import TrainingArguments
+
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise BadValue(f"expected a mapping such as '{{adam_beta2: 0.95}}' or '{{\"adam_beta2\": 0.95}}' ({getattr(e, 'problem', e)})") from None
+    if not isinstance(value, dict):
+        raise BadValue(f"expected a mapping of TrainingArguments names to values, got {type(value).__name__}")
+    types = {f.name: str(f.type) for f in fields(TrainingArguments)}
+    for key, v in value.items():
+        if key not in types:
+            raise BadValue(f"unknown TrainingArguments key '{key}'")
+        if key == "output_dir":
+            raise BadValue("'output_dir' is rlcd's to set: checkpoints go to OUT_DIR/checkpoints")
+        if isinstance(v, str) and "float" in types[key]:  # YAML reads 1e-6 (no dot) as text
+            with contextlib.suppress(ValueError):
+                value[key] = float(v)
+    return value
 
 
 def _scoring_arguments(p: argparse.ArgumentParser) -> None:
