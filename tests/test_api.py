@@ -21,6 +21,10 @@ def test_importing_the_package_loads_no_heavy_library():
 def test_a_command_returns_the_path_it_wrote(tmp_path, capsys):
     out = rlcd.format_prompts(data_path=DEMO_PAIRS, split="all", out_file=tmp_path / "p.json", max_instances=3)
     assert out == tmp_path / "p.json" and [x["index"] for x in json.loads(out.read_text())] == [0, 1, 2]
+    # the manifest records the command the call stands for, not the caller's script
+    manifest = json.loads((tmp_path / "p.json.manifest.json").read_text())
+    assert manifest["command"] == ["rlcd", "format-prompts", "--data-path", str(DEMO_PAIRS), "--split", "all",
+                                   "--out-file", str(tmp_path / "p.json"), "--max-instances", "3"]
     assert capsys.readouterr().out.splitlines()[-1] == str(out)  # what it prints still reaches stdout
     # a config file works as --config does, keywords win over it
     config = tmp_path / "f.yaml"

@@ -72,10 +72,15 @@ def run_command(command: str, **options) -> Path | None:
     """Run `rlcd COMMAND` in this process with these options; the path it wrote, or None."""
     from rlcd.cli import parse
 
-    args = parse(command_line(command, options))
-    tee = _LastLine(sys.stdout)
-    with contextlib.redirect_stdout(tee):
-        importlib.import_module(args._module).run(args)
+    argv = command_line(command, options)
+    args = parse(argv)
+    tee, saved_argv = _LastLine(sys.stdout), sys.argv
+    sys.argv = ["rlcd", *argv]  # manifests and model cards record the command this call stands for
+    try:
+        with contextlib.redirect_stdout(tee):
+            importlib.import_module(args._module).run(args)
+    finally:
+        sys.argv = saved_argv
     last = (tee.pending or tee.last).strip()
     return Path(last) if last and Path(last).exists() else None
 
