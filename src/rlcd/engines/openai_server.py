@@ -30,15 +30,31 @@ repetition penalty (both servers' names for it are set to 1) and min_p 0, so a s
 sent as no top_k, because vLLM and SGLang refuse 0 and llama-cpp-python refuses -1, so there a
 server applies its own default (llama.cpp: 40; vLLM: the model's generation config, unless started
 with --generation-config vllm).
+
+Several servers: --base-url (or $OPENAI_BASE_URL) may name several, comma-separated or as a repeated
+flag (`server_urls`), e.g. one vLLM per GPU or node. All must serve the model: each one's /v1/models is
+checked at start, and one that is unreachable or serves other models stops the command in one line
+naming it (a typo or a server still loading would otherwise go unnoticed, or halve the throughput).
+--concurrency is per server: N servers have up to N x concurrency requests in flight, each request sent
+to the server with the fewest in flight. A request's attempts follow one retry policy per server
+(--max-retries after the first, backoff between attempts on the same server), and a transient fault
+moves the request to another server at once: it fails only when it has failed on every server. A
+server whose last --max-retries + 1 attempts (any requests') all failed is out of rotation for
+OUT_OF_ROTATION_S, used meanwhile only by requests that every server in rotation has failed; an answer
+puts it back. The body of a request (prompt, sampling, the prompt's own seed) does not depend on the
+server it lands on, so with servers that honour `seed` the outputs do not depend on which one answered.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import random
 import re
+import sys
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -47,6 +63,7 @@ from urllib.parse import urlparse
 
 from rlcd.engines import Completion, SamplingParams
 from rlcd.files import UserError
+from rlcd.text import terminal_safe
 
 T = TypeVar("T")
 
@@ -59,6 +76,7 @@ TIMEOUT_S = 600.0
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 30.0
 RETRY_STATUS = {408, 409, 429}  # and every 5xx
+OUT_OF_ROTATION_S = 60.0  # how long a failing server is passed over while other servers answer
 TOP_LOGPROBS = 20  # vLLM's default --max-logprobs; OpenAI itself allows only 5
 
 
@@ -83,16 +101,27 @@ def backoff_s(attempt: int) -> float:
     return delay / 2 + random.uniform(0, delay / 2)
 
 
+def server_urls(flag: str | None) -> list[str]:
+    """The servers' URLs: --base-url, else $OPENAI_BASE_URL, else OpenAI's API; several are comma-separated.
+    "http://host:8000" and "http://host:8000/v1" both work (the SDK appends "/completions")."""
+    value = flag or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+    urls = []
+    for url in (part.strip() for part in value.split(",")):
+        parsed = urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            source = f"--base-url {flag}" if flag else f"OPENAI_BASE_URL={value}"
+            raise UserError(f"{source}: expected http(s) URLs such as http://127.0.0.1:8000/v1 (several: comma-separated), got {url!r}")
+        url = url.rstrip("/")
+        url = url + "/v1" if parsed.path in ("", "/") else url
+        if url in urls:
+            raise UserError(f"--base-url / OPENAI_BASE_URL names {url} twice")
+        urls.append(url)
+    return urls
+
+
 def server_url(flag: str | None) -> str:
-    """The server's URL: --base-url, else $OPENAI_BASE_URL, else OpenAI's API. "http://host:8000" and
-    "http://host:8000/v1" both work (the SDK appends "/completions")."""
-    url = flag or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
-    parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        source = f"--base-url {flag}" if flag else f"OPENAI_BASE_URL={url}"
-        raise UserError(f"{source}: expected an http(s) URL such as http://127.0.0.1:8000/v1")
-    url = url.rstrip("/")
-    return url + "/v1" if parsed.path in ("", "/") else url
+    """`server_urls` as one comma-separated string: what a manifest records, and what --base-url takes back."""
+    return ",".join(server_urls(flag))
 
 
 def server_key(base_url: str) -> str:
@@ -100,9 +129,20 @@ def server_key(base_url: str) -> str:
     key = os.environ.get("RLCD_API_KEY") or os.environ.get("OPENAI_API_KEY")
     if key:
         return key
-    if urlparse(base_url).hostname in OPENAI_HOSTS:
-        raise UserError(f"{base_url} needs an API key: set OPENAI_API_KEY (or --base-url / OPENAI_BASE_URL for another server)")
+    for url in base_url.split(","):
+        if urlparse(url).hostname in OPENAI_HOSTS:
+            raise UserError(f"{url} needs an API key: set OPENAI_API_KEY (or --base-url / OPENAI_BASE_URL for another server)")
     return "EMPTY"
+
+
+class _Server:
+    """One server of --base-url: its client, the requests in flight there, and how it has fared lately."""
+
+    def __init__(self, url: str, client):
+        self.url, self.client = url, client
+        self.in_flight = 0
+        self.failures = 0  # attempts that failed in a row, whichever requests they were
+        self.out_until = 0.0  # time.monotonic() until which it is out of rotation
 
 
 class OpenAIEngine:
@@ -124,15 +164,18 @@ class OpenAIEngine:
 
         if concurrency < 1:
             raise UserError(f"concurrency must be at least 1, got {concurrency}")
-        self.base_url = server_url(base_url)
+        self.base_url = server_url(base_url)  # comma-separated, one or several
         self.model = model
-        self.concurrency = concurrency
+        self.concurrency = concurrency  # per server
         self.max_retries = max_retries
         self.skip_too_long = skip_too_long
         self._key = api_key or server_key(self.base_url)
-        # the SDK's own retries are off: ours decide what is transient and how long to wait
-        self._client = openai.OpenAI(base_url=self.base_url, api_key=self._key, timeout=timeout, max_retries=0)
-        self._check_model()
+        # the SDK's own retries are off: ours decide what is transient, how long to wait, and where to go next
+        self._servers = [_Server(url, openai.OpenAI(base_url=url, api_key=self._key, timeout=timeout, max_retries=0))
+                         for url in self.base_url.split(",")]
+        self._lock = threading.Lock()
+        for server in self._servers:
+            self._check_model(server)
 
     def __repr__(self) -> str:
         return f"OpenAIEngine(base_url={self.base_url!r}, model={self.model!r})"
@@ -202,7 +245,7 @@ class OpenAIEngine:
 
     def _map(self, fn: Callable[[int], T], n: int, done: Callable[[int, T], None] | None = None) -> list[T]:
         """fn(0..n-1) on the thread pool, results in input order; done(i, result) as each arrives."""
-        pool = ThreadPoolExecutor(self.concurrency)
+        pool = ThreadPoolExecutor(self.concurrency * len(self._servers))
         try:
             futures = {pool.submit(fn, i): i for i in range(n)}
             results: list = [None] * n
@@ -217,8 +260,8 @@ class OpenAIEngine:
             pool.shutdown(wait=True, cancel_futures=True)
 
     def _request(self, what: str, body: dict, parse: Callable[[dict], T], chat: bool = False) -> T:
-        def call() -> T:
-            endpoint = self._client.chat.completions if chat else self._client.completions
+        def call(client) -> T:
+            endpoint = client.chat.completions if chat else client.completions
             raw = endpoint.with_raw_response.create(model=self.model, **body)
             try:
                 return parse(raw.http_response.json())
@@ -227,30 +270,75 @@ class OpenAIEngine:
 
         return self._retrying(what, call)
 
-    def _retrying(self, what: str, call: Callable[[], T]) -> T:
+    def _retrying(self, what: str, call: Callable[..., T], servers: list[_Server] | None = None) -> T:
+        """call(client) until a server answers: up to max_retries + 1 attempts on each server (of `servers`, default
+        all), with backoff between attempts on the same one; after a transient fault the next attempt goes where it
+        can start soonest (another server at once), preferring servers in rotation and then the least busy."""
         import openai
 
-        for attempt in range(self.max_retries + 1):
+        servers = servers or self._servers
+        failed = {s.url: 0 for s in servers}  # this request's failed attempts, per server
+        ready = {s.url: 0.0 for s in servers}  # when backoff lets this request try that server again
+        errors: dict[str, str] = {}
+        while (server := self._pick(servers, failed, ready)) is not None:
             try:
-                return call()
-            except openai.APIStatusError as e:
-                if e.status_code < 500 and e.status_code not in RETRY_STATUS:
-                    message = self._server_message(e)
-                    if self.skip_too_long and e.status_code in (400, 413, 422) and what == "completion" and (
-                        _CONTEXT_REFUSAL.search(message) or e.code == "context_length_exceeded"
-                    ):
-                        raise _PromptTooLong(message) from None
-                    hint = "; check OPENAI_API_KEY" if e.status_code in (401, 403) else ""
-                    raise UserError(f"{self.base_url}: {what} refused (HTTP {e.status_code}): {message}{hint}") from None
-                error = f"{type(e).__name__} (HTTP {e.status_code}): {self._server_message(e)}"
-                wait = _retry_after_s(e.response)
-            except openai.APIConnectionError as e:  # timeouts included
-                error, wait = type(e).__name__, 0.0
-            except _Unparsable as e:
-                error, wait = f"unparsable response ({e})", 0.0
-            if attempt < self.max_retries:
-                time.sleep(max(backoff_s(attempt), wait))
-        raise UserError(f"{self.base_url}: {what} failed after {self.max_retries + 1} attempts: {error}")
+                time.sleep(max(0.0, ready[server.url] - time.monotonic()))
+                try:
+                    result = call(server.client)
+                except openai.APIStatusError as e:
+                    if e.status_code < 500 and e.status_code not in RETRY_STATUS:
+                        message = self._server_message(e)
+                        if self.skip_too_long and e.status_code in (400, 413, 422) and what == "completion" and (
+                            _CONTEXT_REFUSAL.search(message) or e.code == "context_length_exceeded"
+                        ):
+                            raise _PromptTooLong(message) from None
+                        hint = "; check OPENAI_API_KEY" if e.status_code in (401, 403) else ""
+                        raise UserError(f"{server.url}: {what} refused (HTTP {e.status_code}): {message}{hint}") from None
+                    error = f"{type(e).__name__} (HTTP {e.status_code}): {self._server_message(e)}"
+                    wait = _retry_after_s(e.response)
+                except openai.APIConnectionError as e:  # timeouts included
+                    error, wait = type(e).__name__, 0.0
+                except _Unparsable as e:
+                    error, wait = f"unparsable response ({e})", 0.0
+                else:
+                    with self._lock:
+                        server.failures, server.out_until = 0, 0.0
+                    return result
+            finally:
+                with self._lock:
+                    server.in_flight -= 1
+            failed[server.url] += 1
+            ready[server.url] = time.monotonic() + max(backoff_s(failed[server.url] - 1), wait)
+            errors[server.url] = error
+            if servers is self._servers:  # a request, not the start's check of one server
+                self._count_failure(server, error)
+        if len(servers) == 1:
+            raise UserError(f"{servers[0].url}: {what} failed after {self.max_retries + 1} attempts: {error}")
+        raise UserError(f"{what} failed on all {len(servers)} servers, {self.max_retries + 1} attempts each: "
+                        + "; ".join(f"{s.url}: {errors[s.url]}" for s in servers))
+
+    def _pick(self, servers: list[_Server], failed: dict[str, int], ready: dict[str, float]) -> _Server | None:
+        """The server for a request's next attempt (counted in flight from now), or None when it failed on all."""
+        now = time.monotonic()
+        with self._lock:
+            left = [s for s in servers if failed[s.url] <= self.max_retries]
+            if not left:
+                return None
+            server = min(left, key=lambda s: (s.out_until > now, max(ready[s.url], now), s.in_flight))
+            server.in_flight += 1
+            return server
+
+    def _count_failure(self, server: _Server, error: str) -> None:
+        """A failed attempt on `server`; after max_retries + 1 in a row it leaves the rotation for a while."""
+        now = time.monotonic()
+        with self._lock:
+            server.failures += 1
+            leaves = len(self._servers) > 1 and server.failures > self.max_retries and server.out_until <= now
+            if leaves:
+                server.out_until = now + OUT_OF_ROTATION_S
+        if leaves:
+            print(terminal_safe(f"{server.url}: out of rotation for {OUT_OF_ROTATION_S:g} s after {server.failures} failed attempts "
+                                f"in a row ({error}); its requests go to the other servers", one_line=True), file=sys.stderr, flush=True)
 
     def _server_message(self, e) -> str:
         """The server's own explanation, on one short line, without the key."""
@@ -262,14 +350,14 @@ class OpenAIEngine:
         text = " ".join(str(body if body is not None else e.response.text).split())[:300]
         return text.replace(self._key, "***") if self._key != "EMPTY" else text
 
-    def _check_model(self) -> None:
-        """Fail before any work when the server does not serve `model`: llama.cpp and
-        llama-cpp-python would silently answer with whatever model they hold."""
+    def _check_model(self, server: _Server) -> None:
+        """Fail before any work when `server` does not serve `model`: llama.cpp and llama-cpp-python would
+        silently answer with whatever model they hold. With several servers, every one must serve it."""
         import openai
 
-        def call() -> list[str] | None:
+        def call(client) -> list[str] | None:
             try:
-                raw = self._client.models.with_raw_response.list()
+                raw = client.models.with_raw_response.list()
             except openai.NotFoundError:
                 return None  # no model listing on this server: nothing to check against
             try:
@@ -277,9 +365,13 @@ class OpenAIEngine:
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise _Unparsable(type(e).__name__) from None
 
-        served = self._retrying("model listing", call)
+        several = f" (every server of --base-url must serve {self.model!r}: start it, or leave it out)" if len(self._servers) > 1 else ""
+        try:
+            served = self._retrying("model listing", call, [server])
+        except UserError as e:
+            raise UserError(f"{e}{several}") from None
         if served is not None and self.model not in served:
-            raise UserError(f"{self.base_url}: model {self.model!r} is not served there (it serves: {', '.join(map(repr, served))})")
+            raise UserError(f"{server.url}: model {self.model!r} is not served there (it serves: {', '.join(map(repr, served))}){several}")
 
 
 def _retry_after_s(response) -> float:
@@ -342,6 +434,15 @@ def _candidate_logprobs(data: dict, candidates: Sequence[str]) -> list[tuple[flo
 # ---- the flags of every command that can use a server
 
 
+class _BaseURLs(argparse.Action):
+    """--base-url A --base-url B means --base-url A,B; the first one on the command line replaces a --config value."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = getattr(namespace, "_base_url_given", False)
+        setattr(namespace, self.dest, f"{getattr(namespace, self.dest)},{values}" if given else values)
+        namespace._base_url_given = True
+
+
 def add_arguments(p, backend: bool = True):
     """--base-url, --concurrency, --max-retries, --timeout (and with `backend`, --backend and --api-model) in one
     group, with the same defaults on every command; returns the group."""
@@ -351,11 +452,16 @@ def add_arguments(p, backend: bool = True):
         g.add_argument("--backend", default="hf", choices=["hf", "openai"],
                        help="hf: the in-process model of --model; openai: the model --api-model of the server (default hf)")
         g.add_argument("--api-model", help="the model's name on the server, as its /v1/models lists it (needed with --backend openai)")
-    g.add_argument("--base-url", help=f"server URL, e.g. http://127.0.0.1:8000/v1 (default: $OPENAI_BASE_URL, else {DEFAULT_BASE_URL})")
-    g.add_argument("--concurrency", type=int, default=CONCURRENCY, help=f"requests in flight (default {CONCURRENCY})")
+    g.add_argument("--base-url", action=_BaseURLs,
+                   help="server URL, e.g. http://127.0.0.1:8000/v1; several servers of the same model (one vLLM per GPU or node) "
+                        "comma-separated or as a repeated flag: requests go to the least busy, and one that fails is retried "
+                        f"on another (default: $OPENAI_BASE_URL, else {DEFAULT_BASE_URL})")
+    g.add_argument("--concurrency", type=int, default=CONCURRENCY,
+                   help=f"requests in flight per server of --base-url (default {CONCURRENCY})")
     g.add_argument("--max-retries", type=int, default=MAX_RETRIES,
-                   help="retries of a request after a transient fault (429, 5xx, timeout, dropped connection, unparsable reply), "
-                        f"with exponential backoff and jitter, waiting at least the server's Retry-After (default {MAX_RETRIES})")
+                   help="retries of a request on each server after a transient fault (429, 5xx, timeout, dropped connection, unparsable "
+                        "reply), with exponential backoff and jitter, waiting at least the server's Retry-After; with several servers "
+                        f"a fault first moves the request to another (default {MAX_RETRIES})")
     g.add_argument("--timeout", type=float, default=TIMEOUT_S, help=f"seconds to wait for one reply (default {TIMEOUT_S:g})")
     return g
 
