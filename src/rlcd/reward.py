@@ -489,6 +489,8 @@ def train_reward_model(args: argparse.Namespace) -> dict:
         tokenizer.chat_template = artifacts.chat_template(tokenizer, reward_model=True)  # renders format_rm_input's layout
         tokenizer.save_pretrained(out_dir)
 
+    if trainer.is_fsdp_enabled and not args.lora:  # trainer.model is sharded over ranks that have returned: score the saved model
+        final = AutoModelForSequenceClassification.from_pretrained(out_dir).to(trainer.args.device)
     heldout = None
     if heldout_idx:
         chosen = score_texts(final, tokenizer, [pairs[i][0] for i in heldout_idx], args.batch_size * 2)
