@@ -202,6 +202,30 @@ def test_reward_sits_on_the_last_response_token_and_missing_marker_gets_minus_on
                 assert torch.allclose(row["returns"], torch.full_like(row["returns"], score), atol=1e-5)
 
 
+def test_the_steps_of_a_rollout_fill_one_typed_rollout_per_response(tiny_model_dir, tiny_rm, tmp_path, seeded_engine):
+    import pickle
+
+    args = make_args(tiny_model_dir, tiny_rm, tmp_path, "--rollouts", "4")
+    prompts, _ = ppo.load_ppo_prompts(args.prompts, ppo.load_tokenizer_for(args), args.max_prompt_tokens)
+    trainer = ppo.PPO(args, prompts, "cpu")
+    # docs/method.md §6, step by step, as PPO.rollout runs them
+    rollouts = trainer.sample(0)
+    assert [r.k for r in rollouts] == [0, 1, 2, 3] and all(r.logprobs is None for r in rollouts)
+    trainer.score(rollouts)
+    assert {r.score for r in rollouts if not r.ended} == {-1.0} and any(r.ended for r in rollouts)
+    trainer.evaluate(rollouts)
+    assert all(len(r.logprobs) == len(r.ref_logprobs) == len(r.values) == len(r.response_ids) for r in rollouts)
+    mask = ppo.response_mask(rollouts)
+    rewards, _ = trainer.shaped_rewards(rollouts, torch.tensor([r.score for r in rollouts]), mask)
+    trainer.estimate_advantages(rollouts, rewards, mask)
+    again, _ = trainer.rollout(0)
+    for a, b in zip(rollouts, again):
+        assert a.score == b.score and torch.equal(a.advantages, b.advantages) and torch.equal(a.returns, b.returns)
+    # what the processes send each other (all_gather_object): a rollout survives pickling, and reads by name as a row did
+    copy = pickle.loads(pickle.dumps(again[1]))
+    assert copy.response_ids == copy["response_ids"] == again[1].response_ids and torch.equal(copy.returns, again[1].returns)
+
+
 def test_an_eos_ending_keeps_the_end_token_that_was_sampled(tiny_model_dir, tiny_rm, tmp_path):
     # like Qwen (<|im_end|> and <|endoftext|>): the generation config lists two end ids and the engine stops on either;
     # here the model always samples the one that is not tokenizer.eos_token_id

@@ -1,25 +1,29 @@
 """PPO against a reward model (docs/method.md §6), in one file.
 
-One PPO step:
+One PPO step: each part is a method of `PPO`, named as below; in brackets the bullet of docs/method.md §6 it
+implements. `PPO.rollout` runs parts 1-6 in order, each filling its fields of one `Rollout` per response.
 
-1. Rollouts: `--rollouts` prompts (a seeded permutation of the prompt file, so a step's prompts
+1. sample [Rollouts]: `--rollouts` prompts (a seeded permutation of the prompt file, so a step's prompts
    depend only on --seed and the step) are sampled from the current policy with the same
    in-process engine as simulation, at --temperature (1 in docs/method.md §6), no top-k/top-p, up to
    --max-new-tokens. A response that ended on an end-of-sequence token keeps the one sampled (a
    model may have several). Every log-prob (old, new, reference) and the entropy are taken from
    logits / --temperature: the distribution actually sampled, as in AlpacaFarm.
-2. Reward: each response is cut at the first "\\n\\nHuman:" and scored by the reward model as
+2. score [Reward]: each response is cut at the first "\\n\\nHuman:" and scored by the reward model as
    prompt + " " + cut response + "\\n\\nHuman:" (`reward.format_rm_input`); a response without the
    marker (or empty before it) gets -1 instead (with --accept-eos a response that ended with the
-   model's end-of-sequence token counts as ended). The score sits on the response's last real token;
+   model's end-of-sequence token counts as ended).
+3. evaluate: the old (sampling) and reference log-probs, the entropy and the value model's values of every response token.
+4. gather: with several processes each runs 1-3 on every world-th rollout; from here on all hold the whole batch.
+5. shaped_rewards [Shaping]: the score sits on the response's last real token;
    every token also gets -beta * max(0, log pi - log pi_ref) (the KL penalty to the frozen reference).
    --reward-scaling shaped (the default) then rescales these per-token rewards to unit standard
    deviation over all response tokens of the step, around their unchanged mean: AlpacaFarm's whiten_rewards,
    which the original RLCD kept, so the paper's beta of 0.002-0.004 was tuned under this scaling.
    `scores` divides only the scores by their std before shaping (this package's earlier default);
    `none` scales nothing.
-3. Advantages: GAE (gamma = lambda = 1 by default) with the value model's estimates, whitened.
-4. Updates: --epochs passes over the rollouts in minibatches of --minibatch-size (gradient
+6. estimate_advantages [Advantages and losses]: GAE (gamma = lambda = 1 by default) with the value model's estimates, whitened.
+7. train and losses [Advantages and losses; Optimizer]: --epochs passes over the rollouts in minibatches of --minibatch-size (gradient
    accumulation over --micro-batch-size rows), clipped policy loss + --vf-coef * clipped value loss,
    one AdamW over policy and value parameters, gradient-norm clip, 5 warmup steps then linear decay.
 
@@ -44,6 +48,7 @@ import os
 import shutil
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -192,11 +197,48 @@ def trainable_state(module) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Batches: left-padded prompts followed by right-padded responses
+# Rollouts, and batches of them: prompts followed by right-padded responses
 # --------------------------------------------------------------------------------------------------
 
 
-def collate(rows: list[dict], pad_id: int, device) -> dict:
+@dataclass
+class Rollout:
+    """One sampled response and what PPO computes for it, filled in by the steps of `PPO.rollout` in order.
+
+    Fields can be read by name too (rollout["score"]): `collate` and `pad_rows` take rollouts or plain dicts.
+    """
+
+    # sample
+    k: int  # position in the step's rollout batch: the order every process agrees on
+    index: int  # the prompt's index in the prompt file
+    prompt: str
+    prompt_ids: list[int]
+    response_ids: list[int]  # an end-of-sequence token the response ended on is part of it
+    text: str  # the decoded response
+    eos: bool  # ended on an end-of-sequence token
+    # score
+    score: float = 0.0  # the reward model's, or --missing-marker-reward
+    ended: bool = False  # reached the end marker (with --accept-eos, or an end-of-sequence token)
+    # evaluate: one value per response token [n]
+    logprobs: torch.Tensor | None = None  # under the policy that sampled it (the "old" log-probs)
+    ref_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    entropy: float = 0.0  # mean over the response's tokens
+    # estimate advantages [n]
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    def __getitem__(self, key: str):
+        return getattr(self, key)
+
+
+def response_mask(rollouts: list[Rollout]) -> torch.Tensor:
+    """[B, R]: 1 on each rollout's response tokens, 0 on the padding after them."""
+    width = max(len(r.response_ids) for r in rollouts)
+    return torch.tensor([[1.0] * len(r.response_ids) + [0.0] * (width - len(r.response_ids)) for r in rollouts])
+
+
+def collate(rows: list, pad_id: int, device) -> dict:
     """Prompt + response of some rollout rows as one right-padded batch, and where each response token sits.
 
     Right padding (rather than left-padded prompts) leaves no position that attends to nothing, which
@@ -249,7 +291,12 @@ def response_values(value_model, batch: dict) -> torch.Tensor:
     return gather_positions(values, batch).float()
 
 
-def pad_rows(rows: list[dict], key: str, width: int, device) -> torch.Tensor:
+def batches(rollouts: list[Rollout], size: int) -> list[list[Rollout]]:
+    return [rollouts[i : i + size] for i in range(0, len(rollouts), size)]
+
+
+def pad_rows(rows: list, key: str, width: int, device) -> torch.Tensor:
+    """One per-token field of some rollouts as [b, width], zero-padded on the right."""
     return torch.stack([F.pad(r[key], (0, width - len(r[key]))) for r in rows]).to(device)
 
 
@@ -294,41 +341,77 @@ class PPO:
     def reference_context(self):
         return self.policy.disable_adapter() if self.args.lora else nullcontext()
 
-    # -- rollouts ----------------------------------------------------------------------------------
+    # -- the steps of docs/method.md §6, in order --------------------------------------------------
 
     @torch.no_grad()
-    def rollout(self, step: int) -> tuple[list[dict], dict]:
+    def rollout(self, step: int) -> tuple[list[Rollout], dict]:
+        """One step's rollouts up to the losses: this process samples, scores and evaluates its share of them, then,
+        with every process holding the whole batch, rewards are shaped and advantages estimated over all of it."""
+        t0 = time.time()
+        rollouts = self.sample(step)
+        t1 = time.time()
+        self.score(rollouts)
+        t2 = time.time()
+        self.evaluate(rollouts)
+        rollouts = self.gather(rollouts)
+        mask = response_mask(rollouts)
+        raw = torch.tensor([r.score for r in rollouts], dtype=torch.float32)
+        rewards, kl = self.shaped_rewards(rollouts, raw, mask)
+        self.estimate_advantages(rollouts, rewards, mask)
+        n = len(rollouts)
+        stats = {
+            "reward_mean": float(rewards.sum(1).mean()),
+            "reward_std": float(rewards.sum(1).std()) if n > 1 else 0.0,
+            "score_mean": float(raw.mean()),
+            "score_std": float(raw.std()) if n > 1 else 0.0,
+            "kl": float(kl.sum(1).mean()),
+            "kl_coef": self.kl.value,
+            "reward_scaling": self.args.reward_scaling,
+            "entropy": sum(r.entropy for r in rollouts) / n,
+            "response_length": float(mask.sum(1).mean()),
+            "missing_marker_frac": 1 - sum(r.ended for r in rollouts) / n,
+            "time_rollout": round(t1 - t0, 3),
+            "time_score": round(t2 - t1, 3),
+            "time_forward": round(time.time() - t2, 3),
+        }
+        return rollouts, stats
+
+    def sample(self, step: int) -> list[Rollout]:
+        """Rollouts: this process's share of the step's prompts (every world-th), each with one response sampled from
+        the current policy at --temperature, no top-k/top-p, seeded by (--seed, prompt, step)."""
         a = self.args
-        # with several processes each samples, scores and runs forward passes on every world-th rollout
         positions = range(self.rank, a.rollouts, self.world)
         step_prompts = self.step_prompts(step)
         chosen = [step_prompts[k] for k in positions]
-        t0 = time.time()
         params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=0, top_p=1.0,
                                 stop=(dialogue.END_MARKER,) if a.stop_at_marker else ())
         seeds = [sample_seed(a.seed, index, f"ppo{step}", k) for k, (index, _, _) in zip(positions, chosen)]
         completions = self.engine.generate([p for _, p, _ in chosen], params, seeds)
-        t1 = time.time()
-        rows, texts, scored = [], [], []
+        rollouts = []
         for k, (index, prompt, prompt_ids), c in zip(positions, chosen, completions):
             # the end-of-sequence token the engine sampled, not tokenizer.eos_token_id: the engine stops on any of
             # the generation config's end ids (Qwen has two), and the last log-prob must be of the sampled token
             if c.finish_reason == "eos" and c.eos_token_id is None:
                 raise RuntimeError(f"rollout engine {type(self.engine).__name__} did not say which end-of-sequence token it sampled")
-            response_ids = list(c.token_ids) + ([c.eos_token_id] if c.finish_reason == "eos" else [])
-            rows.append({"k": k, "index": index, "prompt_ids": prompt_ids, "response_ids": response_ids,
-                         "score": float(a.missing_marker_reward), "ended": False})
-            cut = end_of_response(c.text, c.finish_reason == "eos", a.accept_eos)
-            if cut is not None:
-                scored.append(rows[-1])
-                texts.append(format_rm_input(prompt, cut))
-        for r, score in zip(scored, score_texts(self.rm, self.rm_tokenizer, texts, a.forward_batch_size)):
-            r.update(score=score, ended=True)
-        t2 = time.time()
+            eos = c.finish_reason == "eos"
+            rollouts.append(Rollout(k, index, prompt, prompt_ids, list(c.token_ids) + ([c.eos_token_id] if eos else []), c.text, eos))
+        return rollouts
 
-        # old log-probs, reference log-probs and values, a forward batch at a time
-        for start in range(0, len(rows), a.forward_batch_size):
-            part = rows[start : start + a.forward_batch_size]
+    def score(self, rollouts: list[Rollout]) -> None:
+        """Reward: the reward model's score of prompt + " " + the response cut at its end marker + the marker; a response
+        that never reaches the marker (nor, with --accept-eos, an end-of-sequence token) gets --missing-marker-reward."""
+        a = self.args
+        ended = [(r, cut) for r in rollouts if (cut := end_of_response(r.text, r.eos, a.accept_eos)) is not None]
+        texts = [format_rm_input(r.prompt, cut) for r, cut in ended]
+        for r in rollouts:
+            r.score, r.ended = float(a.missing_marker_reward), False
+        for (r, _), score in zip(ended, score_texts(self.rm, self.rm_tokenizer, texts, a.forward_batch_size)):
+            r.score, r.ended = score, True
+
+    def evaluate(self, rollouts: list[Rollout]) -> None:
+        """Old (sampling) log-probs and entropy under the policy, reference log-probs and values: a forward batch at a time."""
+        a = self.args
+        for part in batches(rollouts, a.forward_batch_size):
             batch = collate(part, self.pad_id, self.device)
             with self.autocast:
                 logits = response_logits(self.policy, batch, a.temperature)
@@ -340,78 +423,72 @@ class PPO:
                     ref = token_logprobs(response_logits(reference, batch, a.temperature), batch["response_ids"])
                 values = response_values(self.value, batch)
             for k, r in enumerate(part):
-                n = len(r["response_ids"])
-                r.update(logprobs=logprobs[k, :n].float().cpu(), ref_logprobs=ref[k, :n].float().cpu(),
-                         values=values[k, :n].float().cpu(), entropy=entropy[k, :n].float().mean().item())
+                n = len(r.response_ids)
+                r.logprobs, r.ref_logprobs = logprobs[k, :n].float().cpu(), ref[k, :n].float().cpu()
+                r.values, r.entropy = values[k, :n].float().cpu(), entropy[k, :n].float().mean().item()
 
-        if self.world > 1:  # every process gets the whole rollout batch: what follows is the same everywhere
-            import torch.distributed as dist
+    def gather(self, rollouts: list[Rollout]) -> list[Rollout]:
+        """Every process's rollouts, in the step's order: what follows is the same on every process."""
+        if self.world == 1:
+            return rollouts
+        import torch.distributed as dist
 
-            shards = [None] * self.world
-            dist.all_gather_object(shards, rows)
-            rows = sorted((r for shard in shards for r in shard), key=lambda r: r["k"])
-        scores = torch.tensor([r["score"] for r in rows], dtype=torch.float32)
-        raw = scores.clone()
+        shards = [None] * self.world
+        dist.all_gather_object(shards, rollouts)
+        return sorted((r for shard in shards for r in shard), key=lambda r: r.k)
+
+    def shaped_rewards(self, rollouts: list[Rollout], scores: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shaping: per-token rewards [B, R] (KL penalty, the score on the last token), scaled per --reward-scaling,
+        and the per-token KL estimate."""
+        a = self.args
         if a.reward_scaling == "scores" and len(scores) > 1 and scores.std() > 1e-6:
             scores = scores / scores.std()
-
-        # rewards, advantages and returns over the whole rollout batch (advantages whitened over all of it)
-        width = max(len(r["response_ids"]) for r in rows)
-        mask = torch.tensor([[1.0] * len(r["response_ids"]) + [0.0] * (width - len(r["response_ids"])) for r in rows])
-        logprobs, ref = pad_rows(rows, "logprobs", width, "cpu"), pad_rows(rows, "ref_logprobs", width, "cpu")
-        values = pad_rows(rows, "values", width, "cpu")
+        width = mask.shape[1]
+        logprobs, ref = pad_rows(rollouts, "logprobs", width, "cpu"), pad_rows(rollouts, "ref_logprobs", width, "cpu")
         rewards, kl = shape_rewards(scores, logprobs, ref, mask, self.kl.value)
         if a.reward_scaling == "shaped":  # AlpacaFarm's whiten_rewards: unit std over all response tokens, mean kept
             rewards = whiten(rewards, mask, shift_mean=False)
-        advantages, returns = gae(rewards, values, mask, a.gamma, a.lam)
+        return rewards, kl
+
+    def estimate_advantages(self, rollouts: list[Rollout], rewards: torch.Tensor, mask: torch.Tensor) -> None:
+        """Advantages: GAE over the values, whitened over the whole rollout batch; and the value targets (returns)."""
+        values = pad_rows(rollouts, "values", mask.shape[1], "cpu")
+        advantages, returns = gae(rewards, values, mask, self.args.gamma, self.args.lam)
         advantages = whiten(advantages, mask)
-        for k, r in enumerate(rows):
-            n = len(r["response_ids"])
-            r.update(advantages=advantages[k, :n], returns=returns[k, :n])
-        kl_per_sequence = kl.sum(1)
-        stats = {
-            "reward_mean": float(rewards.sum(1).mean()),
-            "reward_std": float(rewards.sum(1).std()) if len(rows) > 1 else 0.0,
-            "score_mean": float(raw.mean()),
-            "score_std": float(raw.std()) if len(rows) > 1 else 0.0,
-            "kl": float(kl_per_sequence.mean()),
-            "kl_coef": self.kl.value,
-            "reward_scaling": a.reward_scaling,
-            "entropy": sum(r["entropy"] for r in rows) / len(rows),
-            "response_length": float(mask.sum(1).mean()),
-            "missing_marker_frac": 1 - sum(r["ended"] for r in rows) / len(rows),
-            "time_rollout": round(t1 - t0, 3),
-            "time_score": round(t2 - t1, 3),
-            "time_forward": round(time.time() - t2, 3),
-        }
-        return rows, stats
+        for k, r in enumerate(rollouts):
+            n = len(r.response_ids)
+            r.advantages, r.returns = advantages[k, :n], returns[k, :n]
 
-    # -- updates -----------------------------------------------------------------------------------
+    def losses(self, part: list[Rollout]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Losses of some rollouts under the current policy and value model: token sums of the clipped policy loss
+        and the clipped value loss, and the clipped-token count (`ppo_losses`)."""
+        a = self.args
+        batch = collate(part, self.pad_id, self.device)
+        width = batch["width_r"]
+        with self.autocast:
+            logprobs = token_logprobs(response_logits(self.policy, batch, a.temperature), batch["response_ids"])
+            values = response_values(self.value, batch)
+        return ppo_losses(
+            logprobs, pad_rows(part, "logprobs", width, self.device), pad_rows(part, "advantages", width, self.device),
+            values, pad_rows(part, "values", width, self.device), pad_rows(part, "returns", width, self.device),
+            batch["mask"], a.clip_range, a.clip_range_value,
+        )
 
-    def train(self, rows: list[dict], step: int) -> dict:
+    def train(self, rollouts: list[Rollout], step: int) -> dict:
+        """Updates: --epochs passes over the rollouts in shuffled minibatches; one optimizer step per minibatch on the
+        gradient of (policy loss + --vf-coef * value loss) / its response tokens, accumulated over micro-batches."""
         a = self.args
         g = torch.Generator().manual_seed(a.seed * 7919 + step)
         totals = {"policy_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0, "tokens": 0.0, "grad_norm": 0.0}
         updates = skipped = 0
         for _ in range(a.epochs):
-            order = torch.randperm(len(rows), generator=g).tolist()
+            order = torch.randperm(len(rollouts), generator=g).tolist()
             for start in range(0, len(order), a.minibatch_size):
-                minibatch = [rows[i] for i in order[start : start + a.minibatch_size]]
-                tokens = sum(len(r["response_ids"]) for r in minibatch)
+                minibatch = [rollouts[i] for i in order[start : start + a.minibatch_size]]
+                tokens = sum(len(r.response_ids) for r in minibatch)
                 self.optimizer.zero_grad(set_to_none=True)
-                parts = [minibatch[m : m + a.micro_batch_size] for m in range(0, len(minibatch), a.micro_batch_size)]
-                for part in parts[self.rank :: self.world]:  # this process's share of the micro-batches
-                    batch = collate(part, self.pad_id, self.device)
-                    width = batch["width_r"]
-                    mask = batch["mask"]
-                    with self.autocast:
-                        logprobs = token_logprobs(response_logits(self.policy, batch, a.temperature), batch["response_ids"])
-                        values = response_values(self.value, batch)
-                    pg, vf, clipped = ppo_losses(
-                        logprobs, pad_rows(part, "logprobs", width, self.device), pad_rows(part, "advantages", width, self.device),
-                        values, pad_rows(part, "values", width, self.device), pad_rows(part, "returns", width, self.device),
-                        mask, a.clip_range, a.clip_range_value,
-                    )
+                for part in batches(minibatch, a.micro_batch_size)[self.rank :: self.world]:  # this process's share
+                    pg, vf, clipped = self.losses(part)
                     ((pg + a.vf_coef * vf) / tokens).backward()
                     totals["policy_loss"] += pg.item()
                     totals["value_loss"] += vf.item()
@@ -455,11 +532,11 @@ class PPO:
         step = self.step
         lr = self.scheduler.get_last_lr()[0]
         t0 = time.time()
-        rows, stats = self.rollout(step)
+        rollouts, stats = self.rollout(step)
         t1 = time.time()
-        stats.update(self.train(rows, step))
+        stats.update(self.train(rollouts, step))
         self.scheduler.step()
-        self.kl.update(stats["kl"], len(rows))
+        self.kl.update(stats["kl"], len(rollouts))
         self.step += 1
         return {"step": self.step, **stats, "lr": lr, "time_train": round(time.time() - t1, 3), "time_step": round(time.time() - t0, 3)}
 
