@@ -125,3 +125,36 @@ def test_letter_logprobs_of_a_bf16_model_come_from_an_fp32_projection(tiny_model
         assert lp == pytest.approx(expected.tolist(), abs=1e-4)
         bf16 = model(**enc).logits[0, -1].log_softmax(-1)[ids].float()
         assert lp != pytest.approx(bf16.tolist(), abs=1e-6)  # not the bf16 logits: those are coarser
+
+
+def test_auto_means_the_fast_engine_on_cuda_and_the_plain_one_elsewhere(tiny_model_dir):
+    """One place decides what --engine auto means, for simulate, generate and PPO's rollouts alike."""
+    from rlcd.engines import engine_kind, load_engine, make_engine
+    from rlcd.engines.fast import FastEngine
+
+    assert engine_kind("auto", "cuda:1") == "fast" and engine_kind("auto", torch.device("cuda", 0)) == "fast"
+    assert engine_kind("auto", "cpu") == "hf" and engine_kind("auto", torch.device("cpu")) == "hf"
+    assert engine_kind("fast", "cpu") == "fast" and engine_kind("hf", "cuda:0") == "hf"
+    with pytest.raises(ValueError):
+        engine_kind("vllm", "cpu")
+    model, tokenizer = load_causal_lm(tiny_model_dir, device="cpu", dtype="float32")
+    assert type(make_engine(model, tokenizer, batch_size=4)) is HFEngine
+    fast = make_engine(model, tokenizer, kind="fast", batch_size=4)
+    assert isinstance(fast, FastEngine) and fast.batch_size == 4
+    engine, info = load_engine(tiny_model_dir, kind="auto", device="cpu", dtype="float32", batch_size=3)
+    assert type(engine) is HFEngine and engine.batch_size == 3
+    assert info == {"backend": "hf", "engine": "hf", "model": tiny_model_dir, "path": tiny_model_dir, "device": "cpu",
+                    "dtype": "torch.float32"}
+
+
+def test_simulate_and_generate_build_their_engine_through_the_one_factory(tiny_model_dir):
+    from types import SimpleNamespace
+
+    from rlcd import generate, simulate
+    from rlcd.engines import load_engine
+
+    flags = SimpleNamespace(backend="hf", model=tiny_model_dir, engine="fast", device="cpu", dtype="float32", batch_size=2)
+    expected = load_engine(tiny_model_dir, kind="fast", device="cpu", dtype="float32", batch_size=2)[1]
+    for stage in (simulate, generate):
+        engine, info = stage.make_engine(flags)
+        assert engine.name == "fast" and engine.batch_size == 2 and info == expected

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rlcd.engines import SamplingParams
+from rlcd.engines import Completion, SamplingParams
 from rlcd.engines.fast import PREFILL_TOKENS, FastEngine
 from rlcd.engines.hf import HFEngine
 from rlcd.models import load_causal_lm
@@ -314,3 +314,157 @@ def test_prefill_falls_back_to_eager_when_compiling_fails(engines):
     finally:
         fast._compiled_layers = []
         torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------------------------------
+# One end-of-completion rule (engines/ending.py) for both engines
+# --------------------------------------------------------------------------------------------------
+
+
+def replay(ending, completion):
+    """What `Ending` makes of a completion's sampled tokens (its EOS token included), token by token."""
+    tokens, result = [], None
+    for token in [*completion.token_ids, *([completion.eos_token_id] if completion.finish_reason == "eos" else [])]:
+        assert result is None, "a completion goes on after it ended"
+        result = ending.add(tokens, token)
+    return result if result is not None else ending.completion(tokens, "length")
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_new_tokens=30, temperature=1.0, top_k=0, stop=("\nHuman", "!"), banned=("`",)),
+    SamplingParams(max_new_tokens=30, temperature=1.0, top_k=0, stop=("\nHuman",), stop_at_eos=False),
+    SamplingParams(max_new_tokens=6, temperature=0),
+], ids=["eos-and-stop", "stop-not-eos", "length"])
+def test_both_engines_end_completions_by_the_one_rule(engines, params):
+    """EOS (whichever of the model's EOS ids was sampled), stop strings and the token limit end a completion, and
+    set its text, token ids and eos_token_id, the same way in HFEngine and FastEngine: each completion is what
+    `Ending` makes of its tokens."""
+    hf, fast = engines
+    eos, second_eos = hf.tokenizer.eos_token_id, hf.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    stop_ids = hf.tokenizer("\nHuman", add_special_tokens=False).input_ids
+
+    def push(module, inputs, logits):  # rows end at different steps, by their own logits
+        top = logits.argmax(-1)
+        logits[..., eos] += torch.where(top % 7 == 0, 1e4, 0.0)
+        logits[..., second_eos] += torch.where(top % 7 == 1, 1e4, 0.0)
+        logits[..., stop_ids] += 12.0
+        return logits
+
+    config, saved = hf.model.generation_config, hf.model.generation_config.eos_token_id
+    config.eos_token_id = [eos, second_eos]  # a model with two end-of-sequence tokens, as Qwen's
+    hook = hf.model.lm_head.register_forward_hook(push)
+    try:
+        ours = fast.generate(PROMPTS, params, SEEDS)
+        theirs = hf.generate(PROMPTS, params, SEEDS)
+        ending = hf.ending(params)
+        assert ours == theirs
+        assert [replay(ending, c) for c in ours] == ours
+        assert [replay(fast.ending(params), c) for c in ours] == ours
+    finally:
+        hook.remove()
+        config.eos_token_id = saved
+    reasons = [c.finish_reason for c in ours]
+    if params.stop_at_eos and params.stop:
+        assert "stop" in reasons and {c.eos_token_id for c in ours if c.finish_reason == "eos"} == {eos, second_eos}
+    elif params.stop:
+        assert "eos" not in reasons and "stop" in reasons and any("<|im_start|>" in c.text for c in ours)
+    else:
+        assert reasons.count("length") + reasons.count("eos") == len(ours) and "length" in reasons
+    for c in ours:
+        assert c.num_tokens == len(c.token_ids) and (c.eos_token_id is not None) == (c.finish_reason == "eos")
+        if c.finish_reason == "stop":
+            assert any(c.text.endswith(s) for s in params.stop)
+
+
+def test_the_rule_on_scripted_tokens():
+    """The rule alone, on token ids whose text is the ids themselves."""
+    from rlcd.engines.ending import Ending, stop_enders
+
+    tok = IdTokenizer()
+    texts = [str(i) for i in range(100)]
+    params = SamplingParams(max_new_tokens=4, stop=("5 6",))
+    ending = Ending(tok, params, eos={2}, enders=stop_enders(texts, params.stop))
+    tokens = []
+    assert [ending.add(tokens, t) for t in (7, 5)] == [None, None]
+    assert ending.add(tokens, 6) == Completion("7 5 6", "stop", 3, (7, 5, 6))  # the stop string spans two tokens
+    tokens = [9]
+    assert ending.add(tokens, 2) == Completion("9", "eos", 1, (9,), 2)  # EOS: not in the text, which one reported
+    tokens = []
+    assert [ending.add(tokens, t) for t in (7, 8, 9)] == [None] * 3
+    assert ending.add(tokens, 10) == Completion("7 8 9 10", "length", 4, (7, 8, 9, 10))
+    no_eos = Ending(tok, SamplingParams(max_new_tokens=4, stop_at_eos=False), eos={2}, enders=set())
+    tokens = []
+    assert no_eos.add(tokens, 2) is None and tokens == [2]  # without stop_at_eos an EOS token is text like any other
+
+
+def test_stop_strings_are_looked_for_after_every_token_that_may_complete_one():
+    from rlcd.engines.ending import stop_enders
+
+    texts = ["Hello", "\n", "Human", " Hum", "an", ":", " .", "\ufffd", "", "x"]
+    assert stop_enders(texts, ("\nHuman",)) == {2, 4, 7, 8}  # a suffix of the stop first; part of a character; no text
+    assert stop_enders(texts, ("end.",)) == {6, 7, 8}  # " ." decodes as "." where the tokenizer cleans up spaces
+
+
+# --------------------------------------------------------------------------------------------------
+# The transformers internals the fast engine relies on (engines/hf_internals.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_the_internals_the_fast_engine_needs_are_all_found(engines):
+    from rlcd.engines import hf_internals
+
+    hf, fast = engines
+    assert hf_internals.MISSING == [] and hf_internals.missing(hf.model) == []
+    assert len(fast._layers) == hf.model.config.num_hidden_layers
+    assert hf.cache_key == fast.cache_key == hf_internals.cache_argument(hf.model) in ("cache", "past_key_values")
+
+
+def test_a_model_without_the_expected_layers_is_refused_in_one_line(monkeypatch):
+    from rlcd.engines import hf_internals
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    monkeypatch.setattr(hf_internals, "GradientCheckpointingLayer", type("Elsewhere", (torch.nn.Module,), {}))
+    with pytest.raises(hf_internals.IncompatibleTransformers) as e:
+        FastEngine(model, IdTokenizer(), batch_size=2)
+    message = str(e.value)
+    assert "\n" not in message and "GradientCheckpointingLayer (0 found, config.num_hidden_layers = 2)" in message
+    assert "--engine hf" in message
+
+
+INCOMPATIBLE = textwrap.dedent("""
+    import torch, transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers.integrations.sdpa_attention as sdpa, transformers.modeling_layers as layers
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, eos_token_id=2)).eval()
+    del sdpa.sdpa_attention_forward, layers.GradientCheckpointingLayer  # a transformers that moved both
+    from rlcd.engines import SamplingParams, hf_internals, make_engine
+    from rlcd.engines.fast import FastEngine
+    from rlcd.engines.hf import HFEngine
+
+    class Tok:
+        eos_token_id, pad_token_id = 2, 2
+        def decode(self, ids): return " ".join(map(str, ids))
+    assert hf_internals.MISSING == ["transformers.integrations.sdpa_attention.sdpa_attention_forward",
+                                    "transformers.modeling_layers.GradientCheckpointingLayer"], hf_internals.MISSING
+    try:
+        FastEngine(model, Tok())
+    except hf_internals.IncompatibleTransformers as e:
+        print(e)
+    assert isinstance(make_engine(model, Tok()), HFEngine)  # auto on a CPU: the plain engine, which needs none of it
+""")
+
+
+def test_a_transformers_without_the_internals_fails_at_once_naming_them():
+    """Import never fails; building a FastEngine does, in one line naming every missing piece."""
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    result = subprocess.run([sys.executable, "-c", INCOMPATIBLE], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    message = result.stdout.strip()
+    assert message.startswith(f"the fast engine cannot run on transformers ") and "\n" not in message
+    assert "transformers.integrations.sdpa_attention.sdpa_attention_forward" in message
+    assert "transformers.modeling_layers.GradientCheckpointingLayer" in message and message.endswith("use --engine hf")

