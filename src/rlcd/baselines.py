@@ -10,7 +10,7 @@ dpo   TRL's DPOTrainer on the table; chosen = the preferred output (soft-labelle
       oriented by their `preference`, i.e. win2_prob > 0.5), completions formatted as for sft.
 rloo  TRL's RLOOTrainer, rewarded by our reward model exactly as PPO is (docs/method.md §6): the
       completion cut at the first "\\n\\nHuman:", scored as prompt + " " + response + marker
-      (`reward.format_rm_input` / `score_texts`); -1 when the marker never appears or nothing
+      (`reward_model.format_rm_input` / `score_texts`); -1 when the marker never appears or nothing
       precedes it.
 
 Each writes OUT_DIR: the final model (merged when trained with --lora) and its tokenizer, which
@@ -31,10 +31,11 @@ from pathlib import Path
 from rlcd import artifacts
 from rlcd.dialogue import END_MARKER, end_of_response
 from rlcd.files import UserError, atomic_write_text, now, write_manifest
-from rlcd.reward import (
+from rlcd.reward_model import format_rm_input
+from rlcd.seeds import DEFAULT_SEED
+from rlcd.training import (
     check_out_dir,
     finish_tracking,
-    format_rm_input,
     parse_bf16,
     positive_int,
     public_config,
@@ -184,7 +185,7 @@ def build_rloo(args: argparse.Namespace, out_dir: Path, bf16: bool):
     from trl import RLOOConfig, RLOOTrainer
 
     from rlcd.dialogue import load_prompts
-    from rlcd.reward import load_reward_model, score_texts
+    from rlcd.reward_model import load_reward_model, score_texts
 
     prompts = load_prompts(args.prompts)
     for line in prompts.examples:
@@ -312,7 +313,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     if stage != "rloo":
         p.add_argument("--max-length", type=positive_int, default=512, help="tokens per training sequence, prompt included; longer ones lose their end (default 512)")
     trainer_arguments(p, lora_help="train LoRA adapters instead of all weights; the saved model is merged")
-    p.add_argument("--seed", type=int, default=42, help="seed for initialisation, data order and sampling (default 42)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed for initialisation, data order and sampling (default {DEFAULT_SEED})")
 
 
 REQUIRED = {"sft": ("data", "out_dir"), "dpo": ("data", "out_dir"), "rloo": ("prompts", "reward_model", "out_dir")}

@@ -5,7 +5,7 @@ format-prompts  hh-rlhf dialogues (or a plain prompt list) -> a prompts file, JS
 generate        one sample per prompt (temperature 1, top-p 0.9, top-k off, at most 300 new tokens,
                 stop at "\\n\\nHuman:") with the in-process engines or an OpenAI-compatible server
                 (--backend openai); writes an outputs file.
-postprocess     the evaluation cleanup of an outputs file's `output` field (`postprocess` below).
+postprocess     the evaluation cleanup of an outputs file's `output` field (`evaluation.postprocess`).
 
 `generate` appends each finished batch to OUT_FILE.progress.jsonl (fsynced) and writes the outputs
 file, in prompt order, once every prompt is done; re-running the same command continues from the
@@ -17,39 +17,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 from rlcd import dialogue
-from rlcd.engines import openai_server
+from rlcd.engines import ENGINE_HELP, ENGINE_KINDS, openai_server
+from rlcd.evaluation import SPLITS, postprocess, read_outputs
 from rlcd.files import UserError, append_lines, atomic_write_text, ensure_dir, load_shard, now, open_text, write_manifest
+from rlcd.seeds import DEFAULT_SEED, sample_seed
 from rlcd.text import terminal_safe
 
-SPLITS = {"dev": range(0, 1000), "test": range(1000, 2000)}
 TOO_LONG = "prompt + max_new_tokens longer than the model's context"
 ROUND_BATCHES = 4
 """Batches handed to the engine at a time: the fast engine refills finished slots from the whole round."""
-
-_SPEAKER = r"(?:human|assistant|user)(?:\s*\([^)\n]*\))?\s*:"
-_LEADING_TAG = re.compile(r"^\s*" + _SPEAKER, re.IGNORECASE)
-_NEXT_TAG = re.compile(r"(?<![A-Za-z0-9_])" + _SPEAKER, re.IGNORECASE)
-
-
-def postprocess(text: str) -> str:
-    """An output as evaluated (docs/method.md §8): cut at the first "\\n\\nHuman:", drop a leading speaker tag
-    (Human/Assistant/User, any case, with its colon), cut at the next speaker tag, strip whitespace.
-
-    Idempotent: what it returns holds no speaker tag.
-    """
-    text = text.split(dialogue.HUMAN, 1)[0]
-    text = _LEADING_TAG.sub("", text, count=1)
-    match = _NEXT_TAG.search(text)
-    if match:
-        text = text[: match.start()]
-    return text.strip()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -123,43 +105,17 @@ def sampling_params(args: argparse.Namespace):
 
 
 def prompt_seed(seed: int, index: int) -> int:
-    from rlcd.simulate import sample_seed
-
     return sample_seed(seed, index, "generate", 0)
 
 
-def is_adapter_dir(name: str) -> bool:
-    path = Path(name)
-    return (path / "adapter_config.json").exists() and not (path / "config.json").exists()
-
-
 def make_engine(args: argparse.Namespace):
-    """(engine, info) for --model or the server: what `rlcd simulate` builds, plus LoRA adapter directories (merged on load)."""
-    if args.backend == "openai" or not is_adapter_dir(args.model):
-        from rlcd.simulate import make_engine as simulate_engine
+    """(engine, what the manifest records of it) for these flags: the server's, or an in-process one for --model
+    (a LoRA adapter directory is merged on load)."""
+    if args.backend == "openai":
+        return openai_server.from_arguments(args)
+    from rlcd.engines import load_engine
 
-        return simulate_engine(args)
-    from peft import AutoPeftModelForCausalLM
-
-    from rlcd.engines.hf import HFEngine
-    from rlcd.models import default_device, load_tokenizer, resolve_dtype
-
-    device = args.device or default_device()
-    try:
-        model = AutoPeftModelForCausalLM.from_pretrained(args.model, dtype=resolve_dtype(args.dtype, device, generation=True)).merge_and_unload()
-        has_tokenizer = any((Path(args.model) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
-        tokenizer = load_tokenizer(args.model if has_tokenizer else model.config.name_or_path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"--model {args.model}: cannot load the LoRA adapter or its base model ({str(e).splitlines()[0]})") from None
-    model = model.to(device).eval()
-    kind = args.engine if args.engine != "auto" else ("fast" if model.device.type == "cuda" else "hf")
-    info = {"backend": "hf", "engine": kind, "model": args.model, "adapter_base": model.config.name_or_path,
-            "device": str(model.device), "dtype": str(model.dtype)}
-    if kind == "fast":
-        from rlcd.engines.fast import FastEngine
-
-        return FastEngine(model, tokenizer, batch_size=args.batch_size), info
-    return HFEngine(model, tokenizer, batch_size=args.batch_size), info
+    return load_engine(args.model, kind=args.engine, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
 
 
 def settings_of(args: argparse.Namespace) -> dict:
@@ -292,8 +248,6 @@ def run_generate(args: argparse.Namespace) -> None:
 
 
 def run_postprocess(args: argparse.Namespace) -> None:
-    from rlcd.reward import read_outputs
-
     items = read_outputs(args.in_file)
     cleaned = [{**it, "output": postprocess(it["output"])} for it in items]
     changed = sum(a["output"] != b["output"] for a, b in zip(items, cleaned))
@@ -330,12 +284,11 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-file", help="outputs file to write (JSON list of {instruction, output, raw_output, ...})")
     p.add_argument("--max-instances", type=int, help="only the first N prompts")
     p.add_argument("--batch-size", type=int, default=32, help="prompts generated per batch (default 32)")
-    p.add_argument("--seed", type=int, default=42, help="sampling seed; each prompt's seed derives from it and the prompt's index")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="sampling seed; each prompt's seed derives from it and the prompt's index")
     p.add_argument("--max-new-tokens", type=int, default=300, help="default 300 (docs/method.md §8)")
     p.add_argument("--temperature", type=float, default=1.0, help="default 1.0; 0 = greedy")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (default 0.9); top-k is off")
-    p.add_argument("--engine", default="auto", choices=["auto", "fast", "hf"],
-                   help="fast (continuous batching, CUDA graphs on GPU) or hf (plain decode loop); auto = fast on GPU, hf on CPU")
+    p.add_argument("--engine", default="auto", choices=ENGINE_KINDS, help=f"with --backend hf, the {ENGINE_HELP}")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the GPU of this process if any, else cpu)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU and on CPUs with native bf16, else fp32), float32, bfloat16, float16")
     openai_server.add_arguments(p)

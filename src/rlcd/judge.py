@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Callable
 
 from rlcd.engines import openai_server
+from rlcd.evaluation import SPLITS, bootstrap_ci, position_bias, read_hh_pairs, read_outputs
 from rlcd.files import UserError, append_lines, atomic_write_text, ensure_dir, load_json, load_shard, now, write_manifest
 from rlcd.text import terminal_safe
 
@@ -64,7 +65,6 @@ POINTWISE_QUESTIONS = {
     "helpful": "Is this reply helpful to the human?",
 }
 POINTWISE_MAX_TOKENS = 4  # one word is asked for; a few tokens leave room for "Yes." or a leading space
-POSITION_BIAS_LIMIT = 0.9  # a judge picking one position this often or more says nothing about the replies
 
 
 # --------------------------------------------------------------------------------------------------
@@ -147,19 +147,6 @@ def outcome(margin: float) -> float:
     return 1.0 if margin > 0 else 0.0 if margin < 0 else 0.5
 
 
-def position_bias(first_position_rate: float | None) -> str | None:
-    """Why a pairwise judge is uninformative, when it picks one position at least POSITION_BIAS_LIMIT of the time."""
-    if first_position_rate is None or max(first_position_rate, 1 - first_position_rate) < POSITION_BIAS_LIMIT:
-        return None
-    which = "first" if first_position_rate >= 0.5 else "second"
-    return f"picked the {which} option {_percent(max(first_position_rate, 1 - first_position_rate))} of the time"
-
-
-def _percent(x: float) -> str:
-    """0.996 -> '99.6%', 1.0 -> '100%': never rounds a near-total bias up to 100%."""
-    return f"{math.floor(1000 * x + 1e-9) / 10:g}%"
-
-
 def file_choice(order: str, letter: str | None) -> int | None:
     """Which file's output a letter picked: order "12" shows file 1 as (A), "21" shows file 2 as (A)."""
     if letter is None:
@@ -175,16 +162,6 @@ def win2(choice: int | None) -> float:
 def single_order(seed: int, index: int) -> str:
     """The one order the paper would have shown for this prompt (seeded by --seed and the prompt index)."""
     return ORDERS[random.Random(f"{seed}:{index}:judge-order").randrange(2)]
-
-
-def bootstrap_ci(values: list[float], seed: int, resamples: int = 1000) -> list[float]:
-    """95% percentile-bootstrap interval of the mean, resampling prompts."""
-    import numpy as np
-
-    x = np.asarray(values, dtype=np.float64)
-    means = x[np.random.default_rng(seed).integers(0, len(x), size=(resamples, len(x)))].mean(axis=1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return [float(lo), float(hi)]
 
 
 def win_figures(shares: list[float], seed: int) -> dict:
@@ -256,8 +233,6 @@ def summarize_pointwise(items: list[dict], seed: int) -> dict:
 
 def read_pair(path1: str, path2: str) -> list[dict]:
     """Both outputs files as [{instruction, output_1, output_2}], after checking they hold the same prompts in order."""
-    from rlcd.reward import read_outputs
-
     first, second = read_outputs(path1), read_outputs(path2)
     for i, (a, b) in enumerate(zip(first, second)):
         if a["instruction"] != b["instruction"]:
@@ -373,11 +348,12 @@ class HFJudge:
 
     def _engine(self):
         if self.engine is None:
-            from rlcd.engines.hf import HFEngine
+            from rlcd.engines import make_engine
             from rlcd.models import load_causal_lm
 
             model, _ = load_causal_lm(self.model_name, self.device, self.dtype)
-            self.engine = HFEngine(model, self.tokenizer, batch_size=self.batch_size)
+            # HFEngine, whatever the device: the judge only scores next tokens, which both engines do alike
+            self.engine = make_engine(model, self.tokenizer, kind="hf", batch_size=self.batch_size)
         return self.engine
 
     def judge(self, texts: list[str], record: Callable[[int, dict], None]) -> None:
@@ -637,8 +613,6 @@ def read_labelled_pairs(path: str, split: str, num_pairs: int | None) -> tuple[l
     Pairs are read as `eval-rm` reads them (`read_hh_pairs`); as there, positions count usable pairs, which
     in the hh-rlhf files are all of them, so dev and test are the rows `format-prompts --split` takes."""
     from rlcd.dialogue import END_MARKER
-    from rlcd.generate import SPLITS
-    from rlcd.reward import read_hh_pairs
 
     rows = SPLITS.get(split)  # None: all
     pairs, skipped, problems = read_hh_pairs(path, rows.stop if rows else None)

@@ -101,7 +101,7 @@ _REFUSAL = re.compile("|".join(f"(?:{p})" for p in _PHRASES))
 def normalise(text: str) -> str:
     """The reply as the rule reads it: cleaned as by `rlcd postprocess`, apostrophes unified, lower-case,
     single spaces."""
-    from rlcd.generate import postprocess
+    from rlcd.evaluation import postprocess
 
     return " ".join(_APOSTROPHES.sub("'", postprocess(text)).lower().split())
 
@@ -145,7 +145,7 @@ def refusal_rates(items: list[dict], probe: dict[str, tuple[str, str]], seed: in
     """Refusal rate on the unsafe prompts and over-refusal rate on the safe ones, each with a 95% bootstrap
     interval (resampling outputs), from outputs `items` ({instruction, output}) matched to the probe by
     instruction. Every matched output counts once; an empty one counts as not refusing."""
-    from rlcd.judge import bootstrap_ci
+    from rlcd.evaluation import bootstrap_ci
 
     scored, unmatched = [], []
     for item in items:
@@ -190,7 +190,7 @@ def _line(label: str, group: dict, verb: str) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
-    from rlcd.reward import read_outputs
+    from rlcd.evaluation import read_outputs
 
     if not args.in_file:
         raise UserError("--in-file is required")

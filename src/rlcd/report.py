@@ -175,7 +175,7 @@ def read_compare(path: Path) -> dict:
 def judge_uninformative(compare: dict) -> str | None:
     """Why this comparison's judge says nothing about the outputs, or None. Files written before compare
     recorded `judge_uninformative` are judged by their position bias here."""
-    from rlcd.judge import position_bias
+    from rlcd.evaluation import position_bias
 
     s = compare["summary"]
     if "judge_uninformative" in s:

@@ -1,56 +1,49 @@
 """Reward model: `rlcd train-rm` (Bradley-Terry on a preference table), `rlcd eval-rm` (agreement with
 human labels, docs/method.md §8) and `rlcd score` (outputs file -> outputs with rewards).
 
-The reward model is a plain `AutoModelForSequenceClassification` with one output: a linear head on the
-final hidden state of the last real token (docs/method.md §5). Every reward-model call, here and in PPO,
-formats its input with `format_rm_input` and scores it with `score_texts`, so training and scoring
-always see the same text, the same truncation and the same token the score is read at.
-
-Padding is on the right. Transformers' sequence-classification models read the score at the rightmost
-token that is not the pad token, which with right padding is the last real token (our inputs end with
-the "\\n\\nHuman:" marker, never with a pad token), and right padding keeps the real tokens at positions
-0..n-1 for models with absolute position embeddings too. Over-long inputs are cut on the left, so the
-end marker, where the score is read, always survives.
+How every stage formats, scores and loads a reward model is in `reward_model.py` (a plain
+`AutoModelForSequenceClassification` with one output, read at the last real token, padding on the right);
+the Trainer settings and flags the training commands share are in `training.py`.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
 import json
 import math
-import os
 import random
 import shutil
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from rlcd import artifacts, dialogue
-from rlcd.engines import SCORING_TOKEN_BUDGET, no_cudnn_attention, token_budget_batches
-from rlcd.files import UserError, atomic_write_text, ensure_dir, is_text, iter_lines, load_json, now, write_manifest
+from rlcd.evaluation import read_hh_pairs, read_outputs, split_dialogue  # noqa: F401 - split_dialogue: rlcd.reward's name kept
+from rlcd.files import UserError, atomic_write_text, ensure_dir, now, write_manifest
+from rlcd.reward_model import encode_texts, format_rm_input, load_reward_model, pad_right, score_texts
+from rlcd.seeds import DEFAULT_SEED
+from rlcd.training import (  # noqa: F401 - tracking_arguments: ppo.py still imports it from here
+    check_out_dir,
+    finish_tracking,
+    non_negative_int,
+    parse_bf16,
+    positive_int,
+    public_config,
+    require_tracker,
+    trainer_arguments,
+    tracking_arguments,
+    training_args,
+    training_config,
+    writing_model,
+)
 
-WARMUP_FRACTION = 0.03  # docs/method.md §5: cosine schedule, 3% warmup, weight decay 0
-LOGGING_STEPS = 10
 FULL_LR, LORA_LR = 1e-5, 1e-4
 
 
 # --------------------------------------------------------------------------------------------------
-# Formatting, loss, scoring: pure helpers shared with PPO
+# Loss and agreement: pure functions
 # --------------------------------------------------------------------------------------------------
-
-
-def format_rm_input(prompt: str, response: str) -> str:
-    """Reward-model input: prompt + one space + response + end marker (docs/method.md §5).
-
-    The response is stripped on both sides, not only on the right: a response decoded on its own
-    often starts with the space of its first token, and the join must stay exactly one space
-    whichever generator or tokenizer produced it.
-    """
-    return f"{prompt.rstrip()} {response.strip()}{dialogue.END_MARKER}"
 
 
 def preference_loss(rewards_chosen, rewards_rejected, chosen_prob):
@@ -63,73 +56,6 @@ def preference_loss(rewards_chosen, rewards_rejected, chosen_prob):
     import torch.nn.functional as F
 
     return F.binary_cross_entropy_with_logits(rewards_chosen - rewards_rejected, chosen_prob)
-
-
-def encode_texts(tokenizer, texts: list[str], max_length: int | None) -> tuple[list[list[int]], set[int]]:
-    """Token ids of each text (special tokens included), cut on the left to max_length; also which were cut.
-
-    Cutting on the left keeps the response and the end marker, where the score is read; the
-    tokenizer keeps its special prefix (BOS) when it truncates.
-    """
-    if not texts:  # e.g. no held-out pairs; fast tokenizers fail on an empty batch
-        return [], set()
-    if max_length is None:
-        max_length = tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else None
-    ids = tokenizer(list(texts), add_special_tokens=True, verbose=False)["input_ids"]  # verbose: no "too long" warning; we cut below
-    long = [i for i, x in enumerate(ids) if max_length is not None and len(x) > max_length]
-    if long:
-        tokenizer.truncation_side = "left"
-        cut = tokenizer([texts[i] for i in long], add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
-        for i, x in zip(long, cut):
-            ids[i] = x
-    return ids, set(long)
-
-
-def pad_right(sequences: list[list[int]], pad_token_id: int):
-    """(input_ids, attention_mask) tensors, padded on the right."""
-    import torch
-
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, s in enumerate(sequences):
-        input_ids[row, : len(s)] = torch.tensor(s, dtype=torch.long)
-        attention_mask[row, : len(s)] = 1
-    return input_ids, attention_mask
-
-
-def score_texts(model, tokenizer, texts: list[str], batch_size: int = 24, max_length: int | None = None, progress: bool = False,
-                token_budget: int = SCORING_TOKEN_BUDGET) -> list[float]:
-    """Reward of each text (already formatted with `format_rm_input`), in the order given.
-
-    Texts are scored longest first, in batches of at most batch_size rows and token_budget tokens
-    (padding included; `token_budget_batches`), then put back in order. Identical texts are scored
-    once, so they get identical rewards: an exact tie, whatever batch they would have fallen in.
-    max_length None means the tokenizer's model_max_length, which `train-rm` saves with the model.
-    """
-    import torch
-    from tqdm import tqdm
-
-    unique = list(dict.fromkeys(texts))
-    if not unique:
-        return []
-    ids, _ = encode_texts(tokenizer, unique, max_length)
-    device = next(model.parameters()).device
-    scores = [0.0] * len(unique)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), no_cudnn_attention():
-            batches = token_budget_batches([len(x) for x in ids], batch_size, token_budget)
-            for chunk in tqdm(batches, desc="scoring", unit="batch", disable=not progress):
-                input_ids, attention_mask = pad_right([ids[i] for i in chunk], tokenizer.pad_token_id)
-                logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False).logits
-                for i, s in zip(chunk, logits[:, 0].float().tolist()):
-                    scores[i] = s
-    finally:
-        model.train(was_training)
-    by_text = dict(zip(unique, scores))
-    return [by_text[t] for t in texts]
 
 
 def agreement(chosen_scores: list[float], rejected_scores: list[float], seed: int = 0, resamples: int = 1000) -> dict:
@@ -182,32 +108,6 @@ def length_controls(pairs: list[tuple[str, str]], chosen_scores: list[float], re
 # --------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------
-
-
-def load_reward_model(path: str, device: str | None = None, dtype: str = "auto", flag: str = "--model-path"):
-    """(model, tokenizer) of a reward model written by `train-rm` (or any one-output sequence classifier)."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    from rlcd.models import default_device, load_tokenizer, resolve_dtype, resolve_model
-
-    resolved = resolve_model(path)
-    device = device or default_device()
-    try:
-        config = AutoConfig.from_pretrained(resolved)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{flag} {path}: cannot load ({str(e).splitlines()[0]})") from None
-    architectures = getattr(config, "architectures", None) or []
-    if not any(a.endswith("ForSequenceClassification") for a in architectures) or getattr(config, "num_labels", None) != 1:
-        # a causal LM would load with a fresh random head and give meaningless scores
-        raise UserError(f"{flag} {path}: not a reward model (architectures {architectures}); train one with rlcd train-rm")
-    try:
-        tokenizer = load_tokenizer(resolved)
-        model = AutoModelForSequenceClassification.from_pretrained(resolved, dtype=resolve_dtype(dtype, device))
-    except OSError as e:
-        raise UserError(f"{flag} {path}: cannot load ({str(e).splitlines()[0]})") from None
-    tokenizer.padding_side = "right"
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device).eval(), tokenizer
 
 
 # --------------------------------------------------------------------------------------------------
@@ -292,54 +192,6 @@ def soft_label_reward_trainer():
     return SoftLabelRewardTrainer
 
 
-def training_config(config_cls, args: argparse.Namespace, checkpoint_dir: Path, bf16: bool, **extra):
-    """The Trainer settings every training stage shares (train-rm, sft, dpo, rloo), on TRL's config class of that stage."""
-    from dataclasses import fields
-
-    import torch
-
-    if args.lora and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":  # set by accelerate launch for an FSDP config
-        raise UserError("--lora under FSDP is not supported (the adapters are merged into the model on one process, which needs "
-                        "the whole model there); LoRA fits one GPU: launch with configs/accelerate/ddp.yaml")
-    # transformers 5 folded warmup_ratio into warmup_steps (a fraction when < 1); 4.x still has it
-    names = {f.name for f in fields(config_cls)}
-    warmup = {"warmup_ratio": WARMUP_FRACTION} if "warmup_ratio" in names else {"warmup_steps": WARMUP_FRACTION}
-    if args.report_to == "tensorboard":  # beside the model: the Trainer's default, checkpoints/runs, goes when training ends
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(checkpoint_dir.parent / "tensorboard")
-    if args.report_to == "wandb":
-        os.environ.setdefault("WANDB_PROJECT", "rlcd")  # unless the user named one
-    settings = dict(
-        output_dir=str(checkpoint_dir),
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        learning_rate=args.learning_rate,
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps or -1,
-        lr_scheduler_type="cosine",
-        weight_decay=0.0,
-        **warmup,
-        bf16=bf16,  # set explicitly: TRL's configs default to bf16 even where the device has none
-        gradient_checkpointing=args.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
-        logging_steps=LOGGING_STEPS,
-        logging_first_step=True,
-        save_strategy="steps" if args.save_steps else "no",
-        save_steps=args.save_steps or 500,
-        save_total_limit=args.save_total_limit,  # a checkpoint is only for resuming; a 7B one with optimizer state is ~80 GB
-        report_to=args.report_to,
-        run_name=args.run_name,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        seed=args.seed,
-        data_seed=args.seed,
-        **extra,
-    )
-    settings.update(args.training_args or {})  # --training-args last: they override what the flags set
-    try:
-        return config_cls(**settings)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"the Trainer refused these settings: {str(e).strip().splitlines()[0]}") from None
-
-
 def reward_config(args: argparse.Namespace, output_dir: Path, bf16: bool, has_eval: bool):
     from trl import RewardConfig
 
@@ -352,54 +204,6 @@ def reward_config(args: argparse.Namespace, output_dir: Path, bf16: bool, has_ev
         remove_unused_columns=False,  # keep chosen_prob, which TRL's column filter would drop
         max_length=None,  # we cut inputs ourselves (on the left); TRL would drop long pairs instead
     )
-
-
-@contextlib.contextmanager
-def writing_model(path):
-    """A failure while a checkpoint or model is written is one line, not a traceback: it is nearly always
-    the disk (full, quota, read-only), and safetensors and torch.save report that in their own words
-    ("File too large", "basic_ios::clear: iostream error"), so the free space is added."""
-    try:
-        yield
-    except (UserError, KeyboardInterrupt):
-        raise
-    except Exception as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:200]
-        try:
-            free = f"; {shutil.disk_usage(Path(path).parent).free / 1e9:.1f} GB free there"
-        except OSError:
-            free = ""
-        raise UserError(f"{path}: cannot write the model or checkpoint ({type(e).__name__}: {reason}{free}); "
-                        "if the disk is full, make room and run again with --resume (finished checkpoints are kept)") from None
-
-
-def check_out_dir(out_dir: Path, resume: bool) -> str | None:
-    """The checkpoint to resume from, or None for a fresh run; refuses to overwrite an earlier run.
-
-    The Trainer writes a checkpoint in place, trainer_state.json last, so a process killed while
-    saving leaves a partial checkpoint: the last one with a readable trainer_state.json is the
-    one to resume from, and partial ones are removed (the Trainer would save into them again).
-    """
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out-dir {out_dir}: is a file, expected a directory")
-    found = [d for d in (out_dir / "checkpoints").glob("checkpoint-*") if d.is_dir() and d.name.split("-")[1].isdigit()]
-    found.sort(key=lambda d: int(d.name.split("-")[1]))
-    complete = [d for d in found if _readable_json(d / "trainer_state.json")]
-    if not resume and (found or (out_dir / "config.json").exists()):
-        raise UserError(f"--out-dir {out_dir}: holds an earlier run; pass --resume to continue it, or choose a new --out-dir")
-    for d in found:
-        if d not in complete:
-            print(f"removing {d}: a checkpoint the previous run did not finish writing", flush=True)
-            shutil.rmtree(d, ignore_errors=True)  # every rank runs this
-    return str(complete[-1]) if complete else None
-
-
-def _readable_json(path: Path) -> bool:
-    try:
-        json.loads(path.read_text(encoding="utf-8"))
-        return True
-    except (OSError, ValueError):
-        return False
 
 
 def train_reward_model(args: argparse.Namespace) -> dict:
@@ -593,78 +397,6 @@ def run_train(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def split_dialogue(text: str) -> tuple[str, str] | None:
-    """(prompt as in docs/method.md §2, final response), or None if the dialogue has no usable Assistant turn."""
-    try:
-        prompt = dialogue.prompt_from_dialogue(text)
-    except ValueError:
-        return None
-    return prompt, text[text.rfind("Assistant:") + len("Assistant:") :]
-
-
-def read_hh_pairs(path: str | Path, num_pairs: int | None) -> tuple[list[tuple[str, str]], Counter, list[str]]:
-    """The first num_pairs usable pairs as formatted (chosen, rejected) RM inputs, with the skipped
-    lines counted by reason and described as `file:line: reason`.
-
-    hh-rlhf JSONL (`chosen` and `rejected` whole dialogues, each cut at its own last "Assistant:"), or any
-    preference table `preferences.read_table` reads (CSV, JSONL, Parquet; TRL's standard and
-    conversational rows, the original release's), oriented by its preference. In JSONL a line that is not
-    a JSON object is skipped; in a table, rows it cannot use are skipped, bad columns are an error.
-    """
-    from rlcd.preferences import Unusable, is_jsonl, iter_table, pair_of
-
-    pairs, skipped, problems = [], Counter(), []
-
-    def skip(where: str, reason: str) -> None:
-        skipped[reason] += 1
-        problems.append(f"{where}: {reason}")
-
-    def jsonl_records():
-        for lineno, line in iter_lines(path):
-            if num_pairs is not None and len(pairs) >= num_pairs:
-                return  # lines after the last pair taken are neither read nor counted
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                skip(f"{path}:{lineno}", "not JSON")
-                continue
-            if not isinstance(rec, dict):
-                skip(f"{path}:{lineno}", "not a JSON object")
-                continue
-            yield f"{path}:{lineno}", rec
-
-    for where, rec in jsonl_records() if is_jsonl(path) else iter_table(Path(path)):
-        if num_pairs is not None and len(pairs) >= num_pairs:
-            break
-        hh_row = not ({"prompt", "instruction", "output_1"} & rec.keys()) and not any(isinstance(rec.get(f), list) for f in ("chosen", "rejected"))
-        if hh_row:  # read as they always were: each dialogue cut at its own last "Assistant:"
-            texts = []
-            for field in ("chosen", "rejected"):
-                value = rec.get(field)
-                if not isinstance(value, str):
-                    skip(where, f"field '{field}' missing or not text")
-                    break
-                if not is_text(value):
-                    skip(where, f"field '{field}' is not valid Unicode")
-                    break
-                parts = split_dialogue(value)
-                if parts is None:
-                    skip(where, f"field '{field}' has no Assistant turn")
-                    break
-                texts.append(format_rm_input(*parts))
-            else:
-                pairs.append((texts[0], texts[1]))
-            continue
-        try:
-            row = pair_of(rec)
-        except Unusable as e:
-            skip(where, str(e))
-            continue
-        chosen, rejected = (row["output_1"], row["output_2"]) if row["preference"] == 1 else (row["output_2"], row["output_1"])
-        pairs.append((format_rm_input(row["prompt"], chosen), format_rm_input(row["prompt"], rejected)))
-    return pairs, skipped, problems
-
-
 def evaluate_reward_model(args: argparse.Namespace) -> dict:
     pairs, skipped, problems = read_hh_pairs(args.data_path, args.num_pairs)
     for line in problems[:10]:  # stderr: with --json, stdout holds only the figures
@@ -721,22 +453,6 @@ def run_eval(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def read_outputs(path: str | Path) -> list[dict]:
-    """An outputs file: a JSON list of objects with text fields `instruction` and `output`."""
-    items = load_json(path)
-    if not isinstance(items, list) or not items:
-        raise UserError(f"{path}: expected a non-empty JSON list of {{instruction, output}} objects")
-    for n, item in enumerate(items):
-        if not isinstance(item, dict):
-            raise UserError(f"{path}: item {n}: expected an object with 'instruction' and 'output'")
-        for field in ("instruction", "output"):
-            if not isinstance(item.get(field), str):
-                raise UserError(f"{path}: item {n}: field '{field}' missing or not text")
-            if not is_text(item[field]):
-                raise UserError(f"{path}: item {n}: field '{field}' is not valid Unicode (a lone surrogate such as \\ud800)")
-    return items
-
-
 def run_score(args: argparse.Namespace) -> None:
     items = read_outputs(args.data_path)
     ensure_dir(Path(args.out_file).parent)
@@ -755,39 +471,6 @@ def run_score(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------
-
-
-class BadValue(argparse.ArgumentTypeError, ValueError):
-    """A flag value out of range: argparse prints its message, and --config (which catches ValueError) too."""
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise BadValue(f"expected a positive integer, got {text}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise BadValue(f"expected 0 or a positive integer, got {text}")
-    return value
-
-
-def parse_bf16(value) -> bool | str:
-    if isinstance(value, bool) or value == "auto":
-        return value
-    text = str(value).lower()
-    if text in ("true", "on", "yes", "1"):
-        return True
-    if text in ("false", "off", "no", "0"):
-        return False
-    raise BadValue(f"expected auto, true or false, got {value}")
-
-
-def public_config(args: argparse.Namespace) -> dict:
-    return {k: v for k, v in vars(args).items() if not k.startswith("_")}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -813,77 +496,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=positive_int, default=512, help="tokens per input; longer ones lose their start (default 512)")
     p.add_argument("--eval-pairs", type=non_negative_int, default=500, help="pairs held out to monitor accuracy (default 500; 0 for none)")
     trainer_arguments(p, lora_help="train LoRA adapters plus the score head instead of all weights; saved merged")
-    p.add_argument("--seed", type=int, default=42, help="seed for the held-out split, head initialisation and data order (default 42)")
-
-
-def trainer_arguments(p: argparse.ArgumentParser, lora_help: str) -> None:
-    """Flags every Trainer-based stage shares (train-rm, sft, dpo, rloo): LoRA, memory, precision, checkpoints."""
-    p.add_argument("--lora", action="store_true", help=lora_help)
-    p.add_argument("--lora-r", type=positive_int, default=16, help="LoRA rank (default 16)")
-    p.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA scaling alpha (default 32)")
-    p.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA inputs (default 0.05)")
-    p.add_argument("--lora-target-modules", default="all-linear", help="comma-separated module names, or all-linear (default)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass to save memory")
-    p.add_argument("--bf16", type=parse_bf16, default="auto", help="bf16 mixed precision: auto (on when CUDA is available), true or false")
-    p.add_argument("--save-steps", type=non_negative_int, default=500,
-                   help="save a checkpoint (for --resume) every this many steps; checkpoints are deleted once training "
-                        "finishes; 0 saves none (default 500)")
-    p.add_argument("--save-total-limit", type=positive_int, default=1, help="keep only the last N checkpoints (default 1)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT_DIR/checkpoints")
-    p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps (overrides --epochs)")
-    tracking_arguments(p)
-    p.add_argument("--training-args", type=training_args, default=None,
-                   help="more transformers TrainingArguments, applied last (they override the flags): a mapping in a --config "
-                        "file (training-args: {adam_beta2: 0.95}) or a JSON/YAML mapping here (default: none)")
-
-
-def tracking_arguments(p: argparse.ArgumentParser) -> None:
-    """--report-to and --run-name: every training command's (train-rm, sft, dpo, rloo, ppo) experiment tracking."""
-    p.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default="none",
-                   help="also log training figures to TensorBoard (OUT_DIR/tensorboard) or Weights & Biases (project "
-                        "$WANDB_PROJECT, default rlcd; WANDB_MODE=offline keeps the run on disk) (default: none)")
-    p.add_argument("--run-name", default=None, help="name of the W&B run (default: one W&B picks)")
-
-
-def require_tracker(report_to: str) -> None:
-    """Fail before any loading when --report-to names a package that is missing (the CLI says how to install it)."""
-    if report_to != "none":
-        importlib.import_module(report_to)  # the packages are named as the choices: tensorboard, wandb
-
-
-def finish_tracking(report_to: str) -> None:
-    """End the W&B run the Trainer started: it would end only when the process exits."""
-    if report_to == "wandb":
-        import wandb
-
-        wandb.finish()
-
-
-def training_args(value) -> dict:
-    """--training-args: TrainingArguments as a mapping (from a --config file) or as text on the command line, a JSON
-    object or a YAML mapping (the Python API passes a dict as its repr, which YAML reads too)."""
-    from dataclasses import fields
-
-    import yaml
-    from transformers import TrainingArguments
-
-    if isinstance(value, str):
-        try:
-            value = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise BadValue(f"expected a mapping such as '{{adam_beta2: 0.95}}' or '{{\"adam_beta2\": 0.95}}' ({getattr(e, 'problem', e)})") from None
-    if not isinstance(value, dict):
-        raise BadValue(f"expected a mapping of TrainingArguments names to values, got {type(value).__name__}")
-    types = {f.name: str(f.type) for f in fields(TrainingArguments)}
-    for key, v in value.items():
-        if key not in types:
-            raise BadValue(f"unknown TrainingArguments key '{key}'")
-        if key == "output_dir":
-            raise BadValue("'output_dir' is rlcd's to set: checkpoints go to OUT_DIR/checkpoints")
-        if isinstance(v, str) and "float" in types[key]:  # YAML reads 1e-6 (no dot) as text
-            with contextlib.suppress(ValueError):
-                value[key] = float(v)
-    return value
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                   help=f"seed for the held-out split, head initialisation and data order (default {DEFAULT_SEED})")
 
 
 def _scoring_arguments(p: argparse.ArgumentParser) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import hashlib
 import math
 import os
 import random
@@ -28,10 +27,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rlcd import dialogue
-from rlcd.engines import Engine, SamplingParams, openai_server
+from rlcd.engines import ENGINE_HELP, ENGINE_KINDS, Engine, SamplingParams, load_engine, openai_server
 from rlcd.files import UserError, append_lines, ensure_dir, now, write_manifest
 from rlcd.models import DEFAULT_MODEL, resolve_model
 from rlcd.preferences import latest_records, load_records
+from rlcd.seeds import DEFAULT_SEED, sample_seed
 from rlcd.tasks import Task, load_task
 from rlcd.text import terminal_safe
 
@@ -45,7 +45,7 @@ round, so a round of several batches keeps its batch full; records are written a
 @dataclass
 class SimulationConfig:
     method: str = "rlcd"
-    seed: int = 42
+    seed: int = DEFAULT_SEED
     max_new_tokens: int = 300
     temperature: float = 1.0
     top_k: int = 50
@@ -65,11 +65,6 @@ class SimulationConfig:
 
 def rng(seed: int, index: int, purpose: str) -> random.Random:
     return random.Random(f"{seed}:{index}:{purpose}")
-
-
-def sample_seed(seed: int, index: int, slot: str, attempt: int) -> int:
-    digest = hashlib.blake2b(f"{seed}:{index}:{slot}:{attempt}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 def plan_record(index: int, prompt: str, task: Task, cfg: SimulationConfig, chat_template=None) -> dict:
@@ -256,12 +251,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--retry-failed", action="store_true", help="redo indices whose record is 'failed' (attempts continue from where they stopped)")
     g = p.add_argument_group("model")
     g.add_argument("--model", "--model-string", dest="model", default="smollm2", help="HF directory or hub id; 'smollm2' = the embedded default (default)")
-    g.add_argument("--engine", default="auto", choices=["auto", "fast", "hf"],
-                   help="in-process engine for --backend hf: fast (continuous batching, CUDA graphs on GPU), hf (plain decode loop); auto = fast on GPU, hf on CPU")
+    g.add_argument("--engine", default="auto", choices=ENGINE_KINDS, help=f"with --backend hf, the {ENGINE_HELP}")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the GPU of this process if any, else cpu)")
     g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU and on CPUs with native bf16, else fp32), float32, bfloat16, float16")
     g = p.add_argument_group("sampling")
-    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--seed", type=int, default=DEFAULT_SEED)
     g.add_argument("--batch-size", type=int, default=32, help="samples generated per batch (default 32)")
     g.add_argument("--max-new-tokens", type=int, default=300)
     g.add_argument("--temperature", type=float, default=1.0)
@@ -302,19 +296,10 @@ def validate(args) -> SimulationConfig:
 
 
 def make_engine(args) -> tuple[Engine, dict]:
+    """(engine, what the manifest records of it) for these flags: the server's, or an in-process one."""
     if args.backend == "openai":
         return openai_server.from_arguments(args)
-    from rlcd.engines.hf import HFEngine
-    from rlcd.models import load_causal_lm, resolve_model
-
-    model, tokenizer = load_causal_lm(args.model, args.device, args.dtype)
-    kind = args.engine if args.engine != "auto" else ("fast" if model.device.type == "cuda" else "hf")
-    info = {"backend": "hf", "engine": kind, "model": args.model, "path": resolve_model(args.model), "device": str(model.device), "dtype": str(model.dtype)}
-    if kind == "fast":
-        from rlcd.engines.fast import FastEngine
-
-        return FastEngine(model, tokenizer, batch_size=args.batch_size), info
-    return HFEngine(model, tokenizer, batch_size=args.batch_size), info
+    return load_engine(args.model, kind=args.engine, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
 
 
 def shard_summary(records: list[dict], slots: tuple[str, ...]) -> dict:
