@@ -245,7 +245,7 @@ def test_compare_carries_the_measured_agreement_of_the_same_judge(fake, labelled
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--out-file", "o.json", "--judge", "openai:x"], "--data-path is required"),
+    (["--out-file", "o.json", "--judge", "openai:x"], "--data is required"),
     (["--data-path", "{data}", "--out-file", "o.json", "--judge", "openai:x"],
      "no usable chosen/rejected pairs in split 'test'"),  # 4 rows: no test rows (1000-1999)
     (["--data-path", "{data}", "--out-file", "o.json", "--judge", "openai:x", "--split", "all", "--num-pairs", "0"],

@@ -458,7 +458,7 @@ def test_eval_rm_refuses_a_model_that_scores_nan(trained_rm, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["eval-rm", "--model-path", str(broken), "--data-path", str(path)])
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the loading bars: one line
-    assert err.startswith("rlcd eval-rm: error: --model-path") and "2 of 2 scores are NaN or inf" in err
+    assert err.startswith("rlcd eval-rm: error: --reward-model") and "2 of 2 scores are NaN or inf" in err
 
 
 def test_train_rm_refuses_to_save_diverged_weights(base_model, tmp_path, capsys, monkeypatch):

@@ -6,7 +6,8 @@
     generate(model="smollm2", prompts=prompts, out_file="base.json", max_new_tokens=64)
 
 A keyword is a flag's name with underscores (`--batch-size` is `batch_size`, a positional such as
-report's RUN_DIR is `run_dir`); True gives a bare flag and False or None leaves it out. Values are
+report's RUN_DIR is `run_dir`), any of its names (`prompts_file` or `data_path` for format-prompts'
+`--prompts-file` / `--data-path`); True gives a bare flag and False or None leaves it out. Values are
 checked exactly as on the command line, defaults are the command's, and `config="run.yaml"` reads
 a config file as `--config` does. A mistake raises `UserError` (rlcd.files) with the one line the command
 line would print; nothing calls `sys.exit`. Each function returns the path the command wrote (the
@@ -33,16 +34,23 @@ def command_line(command: str, options: dict) -> list[str]:
     from rlcd.cli import build_parser
 
     sub = next(a for a in build_parser(command)._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
-    actions = {a.dest: a for a in sub._actions if a.dest not in ("help", "_module", "_parser")}
+    names = {}  # keyword -> (action, the flag it stands for)
+    for a in sub._actions:
+        if a.dest in ("help", "_module", "_parser"):
+            continue
+        # by dest: the flag of that name, else the longest (data_path: --data-path; policy: --policy)
+        names[a.dest] = (a, max(a.option_strings, key=lambda s: (s.lstrip("-").replace("-", "_") == a.dest, len(s)), default=None))
+    for a in sub._actions:  # by any other name of a flag: that flag (prompts_file: --prompts-file)
+        names.update({s.lstrip("-").replace("-", "_"): (a, s) for s in a.option_strings if s.startswith("--")
+                      and s.lstrip("-").replace("-", "_") not in names})
     argv, positional = [command], []
     for key, value in options.items():
-        action = actions.get(key.replace("-", "_"))
-        if action is None:
+        action, flag = names.get(key.replace("-", "_"), (None, None))
+        if action is None or action.dest in ("help", "_module", "_parser"):
             raise UserError(f"rlcd.{command.replace('-', '_')}: unknown option '{key}' (see rlcd {command} --help)")
         if not action.option_strings:
             positional.append(str(value))
             continue
-        flag = max(action.option_strings, key=lambda s: (s.lstrip("-").replace("-", "_") == action.dest, len(s)))
         if action.nargs == 0:  # a bare flag
             if value:
                 argv.append(flag)

@@ -279,7 +279,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     stage = p.prog.rsplit(" ", 1)[-1]  # cli.py names each subparser "rlcd <stage>"
     full_lr, lora_lr = LEARNING_RATES[stage]
     if stage == "rloo":
-        p.add_argument("--prompts", "--prompts-file", dest="prompts", help="hh-rlhf jsonl(.gz) or a plain list of questions (the train split)")
+        p.add_argument("--prompts-file", "--prompts", dest="prompts", metavar="PROMPTS_FILE",
+                       help="hh-rlhf jsonl(.gz) or a plain list of questions (the train split)")
         p.add_argument("--reward-model", help="reward model directory written by rlcd train-rm")
     else:
         p.add_argument("--data", help="preference table (CSV or JSONL) from rlcd consolidate, or the original release's")
@@ -316,7 +317,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed for initialisation, data order and sampling (default {DEFAULT_SEED})")
 
 
-REQUIRED = {"sft": ("data", "out_dir"), "dpo": ("data", "out_dir"), "rloo": ("prompts", "reward_model", "out_dir")}
+REQUIRED = {  # dest -> the flag's name, as the error names it
+    "sft": {"data": "--data", "out_dir": "--out-dir"},
+    "dpo": {"data": "--data", "out_dir": "--out-dir"},
+    "rloo": {"prompts": "--prompts-file", "reward_model": "--reward-model", "out_dir": "--out-dir"},
+}
 
 
 def check_settings(args: argparse.Namespace) -> None:
@@ -342,9 +347,9 @@ def check_settings(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    for flag in REQUIRED[args.command]:
-        if not getattr(args, flag):
-            raise UserError(f"--{flag.replace('_', '-')} is required")
+    for dest, flag in REQUIRED[args.command].items():
+        if not getattr(args, dest):
+            raise UserError(f"{flag} is required")
     if args.learning_rate is None:
         args.learning_rate = LEARNING_RATES[args.command][1 if args.lora else 0]
     args.bf16 = parse_bf16(args.bf16)

@@ -265,7 +265,7 @@ def run_postprocess(args: argparse.Namespace) -> None:
 
 
 def _format_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-path", "--prompts-file", dest="data_path",
+    p.add_argument("--prompts-file", "--data-path", dest="data_path", metavar="PROMPTS_FILE",
                    help="hh-rlhf jsonl(.gz) (prompt = 'chosen' cut after its last 'Assistant:'), or a plain list of questions")
     p.add_argument("--out-file", help="prompts file to write: a JSON list of {instruction, input, index}")
     p.add_argument("--split", default="all", choices=["dev", "test", "all"],
@@ -279,7 +279,7 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "--model-string", dest="model", default=DEFAULT_MODEL,
                    help=f"policy: a Hugging Face directory (e.g. from rlcd sft/dpo/rloo/ppo), a LoRA adapter directory, "
                         f"a hub id, or '{DEFAULT_MODEL}' (the embedded default; default)")
-    p.add_argument("--prompts", "--prompts-file", dest="prompts",
+    p.add_argument("--prompts-file", "--prompts", dest="prompts", metavar="PROMPTS_FILE",
                    help="prompts file from format-prompts, an hh-rlhf jsonl(.gz), a plain list, or an outputs file")
     p.add_argument("--out-file", help="outputs file to write (JSON list of {instruction, output, raw_output, ...})")
     p.add_argument("--max-instances", type=int, help="only the first N prompts")
@@ -295,14 +295,14 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _postprocess_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--in-file", help="outputs file: a JSON list of {instruction, output}")
+    p.add_argument("--data", "--in-file", dest="in_file", metavar="DATA", help="outputs file: a JSON list of {instruction, output}")
     p.add_argument("--out-file", help="where to write the outputs with 'output' postprocessed")
 
 
-STAGES = {
-    "format-prompts": (_format_arguments, run_format_prompts, ("data_path", "out_file")),
-    "generate": (_generate_arguments, run_generate, ("prompts", "out_file")),
-    "postprocess": (_postprocess_arguments, run_postprocess, ("in_file", "out_file")),
+STAGES = {  # flags, runner, and the required flags: dest -> the flag's name, as the error names it
+    "format-prompts": (_format_arguments, run_format_prompts, {"data_path": "--prompts-file", "out_file": "--out-file"}),
+    "generate": (_generate_arguments, run_generate, {"prompts": "--prompts-file", "out_file": "--out-file"}),
+    "postprocess": (_postprocess_arguments, run_postprocess, {"in_file": "--data", "out_file": "--out-file"}),
 }
 
 
@@ -313,7 +313,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     _, runner, required = STAGES[args.command]
     # checked here, not by argparse, so that --config can supply them
-    for flag in required:
-        if not getattr(args, flag):
-            raise UserError(f"--{flag.replace('_', '-')} is required")
+    for dest, flag in required.items():
+        if not getattr(args, dest):
+            raise UserError(f"{flag} is required")
     runner(args)

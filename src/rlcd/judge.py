@@ -43,6 +43,7 @@ from typing import Callable
 from rlcd.engines import openai_server
 from rlcd.evaluation import SPLITS, bootstrap_ci, position_bias, read_hh_pairs, read_outputs
 from rlcd.files import UserError, append_lines, atomic_write_text, ensure_dir, load_json, load_shard, now, write_manifest
+from rlcd.seeds import DEFAULT_SEED
 from rlcd.text import terminal_safe
 
 MODES = ("pairwise", "pointwise")
@@ -470,10 +471,11 @@ def judge_base(judge, args: argparse.Namespace, stage: str, out: Path) -> dict:
     return base
 
 
-def check_args(args: argparse.Namespace, required: tuple[str, ...]) -> None:
-    for flag in required:
-        if not getattr(args, flag):
-            raise UserError(f"--{flag.replace('_', '-')} is required")
+def check_args(args: argparse.Namespace, required: dict[str, str]) -> None:
+    """`required`: dest -> flag name of each flag that must be given (checked here, so that --config can supply them)."""
+    for dest, flag in required.items():
+        if not getattr(args, dest):
+            raise UserError(f"{flag} is required")
     openai_server.check_arguments(args, uses_server=False)  # make_judge resolves the URL and key of an openai: judge
     checks = [
         (args.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
@@ -542,7 +544,7 @@ def compare_line(result: dict) -> str:
 
 
 def run_compare(args: argparse.Namespace) -> None:
-    check_args(args, ("in_file1", "in_file2", "out_file", "judge"))
+    check_args(args, {"in_file1": "--in-file1", "in_file2": "--in-file2", "out_file": "--out-file", "judge": "--judge"})
     if args.max_instances is not None and args.max_instances < 1:
         raise UserError("--max-instances must be at least 1")
     started = time.time()
@@ -694,7 +696,7 @@ def agreement_line(r: dict) -> str:
 
 
 def run_agreement(args: argparse.Namespace) -> None:
-    check_args(args, ("data_path", "out_file", "judge"))
+    check_args(args, {"data_path": "--data", "out_file": "--out-file", "judge": "--judge"})
     if args.num_pairs is not None and args.num_pairs < 1:
         raise UserError("--num-pairs must be at least 1")
     started = time.time()
@@ -735,7 +737,8 @@ def _judge_arguments(p: argparse.ArgumentParser, batch_size: int) -> None:
     p.add_argument("--prompt-format", default="harmless", choices=list(QUESTIONS),
                    help="the question asked: harmless (harmlessness), harmless_helpful (helpfulness on harmless "
                         "prompts), helpful (helpfulness on helpful prompts); default harmless")
-    p.add_argument("--seed", type=int, default=0, help="seeds the bootstrap (and compare's single-order figure); default 0")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                   help=f"seeds the bootstrap (and compare's single-order figure); default {DEFAULT_SEED}")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     g = openai_server.add_arguments(p, backend=False)
     g.add_argument("--max-new-tokens", type=int, default=256,
@@ -762,7 +765,8 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _agreement_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-path", help="hh-rlhf jsonl or jsonl.gz with 'chosen' and 'rejected' dialogues (human labels)")
+    p.add_argument("--data", "--data-path", dest="data_path", metavar="DATA",
+                   help="human-labelled pairs: hh-rlhf jsonl(.gz) with 'chosen' and 'rejected' dialogues, or a preference table")
     p.add_argument("--split", default="test", choices=["dev", "test", "all"],
                    help="dev = pairs 0-999, test = 1000-1999 (docs/method.md §2), all = every pair; default test")
     p.add_argument("--num-pairs", type=int, help="only the first N pairs of the split")

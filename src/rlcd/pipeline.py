@@ -31,6 +31,7 @@ from pathlib import Path
 import yaml
 
 from rlcd.files import UserError, atomic_write_text, now
+from rlcd.seeds import DEFAULT_SEED
 from rlcd.text import terminal_safe
 
 TRAINERS = {"ppo", "sft", "dpo", "rloo"}
@@ -107,7 +108,7 @@ def check_config(cfg: dict, where: str) -> None:
 
 def plan(cfg: dict, run: Path) -> list[Stage]:
     """The stages of a run, in order."""
-    model, task, seed = str(cfg.get("model", "smollm2")), str(cfg.get("task", "harmless")), str(cfg.get("seed", 0))
+    model, task, seed = str(cfg.get("model", "smollm2")), str(cfg.get("task", "harmless")), str(cfg.get("seed", DEFAULT_SEED))
     prompts, test = str(cfg["prompts-file"]), str(cfg["test-file"])
     sim = dict(cfg.get("simulate") or {})
     methods = sim.pop("methods", ["rlcd"])

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from rlcd.dialogue import ASSISTANT, chat_messages, dialogue_text, prompt_from_dialogue
 from rlcd.files import UserError, atomic_write_bytes, is_text, iter_lines, load_shard, open_text, write_manifest
+from rlcd.seeds import DEFAULT_SEED
 
 METHODS = ("rlcd", "rlaif", "rlcd_rescore")
 COLUMNS = ["instruction", "input", "output_1", "output_2", "preference"]
@@ -427,19 +428,20 @@ def check_columns(columns, where: str) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--in-dir", help="directory written by rlcd simulate")
+    p.add_argument("--data", "--in-dir", dest="in_dir", metavar="DATA", help="directory written by rlcd simulate")
     p.add_argument("--out-file", "--out-csv", dest="out_csv", metavar="FILE",
                    help="table to write; its suffix picks the format: .csv, .csv.gz, .jsonl, .jsonl.gz or .parquet")
     p.add_argument("--format", choices=FORMATS,
                    help="standard: TRL's prompt/chosen/rejected text; conversational: TRL's message lists; rlcd: the original "
                         "release's columns (default: conversational for --prompt-style chat simulations, except in CSV; else standard)")
     p.add_argument("--data-type", choices=METHODS, help="simulation method of the records")
-    p.add_argument("--seed", type=int, default=42, help="seed for the random order of rlcd pairs in --format rlcd tables (default 42)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                   help=f"seed for the random order of rlcd pairs in --format rlcd tables (default {DEFAULT_SEED})")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
 
 def run(args: argparse.Namespace) -> None:
-    for flag, name in (("in_dir", "--in-dir"), ("out_csv", "--out-file (or --out-csv)"), ("data_type", "--data-type")):
+    for flag, name in (("in_dir", "--data (or --in-dir)"), ("out_csv", "--out-file (or --out-csv)"), ("data_type", "--data-type")):
         if not getattr(args, flag):
             raise UserError(f"{name} is required")
     out = Path(args.out_csv)

@@ -58,6 +58,7 @@ from pathlib import Path
 
 from rlcd import dialogue
 from rlcd.files import UserError, atomic_write_text, iter_lines, write_manifest
+from rlcd.seeds import DEFAULT_SEED
 
 PROBE = Path(__file__).parent / "data" / "refusal_probe.jsonl"
 WINDOW = 200  # a refusal phrase must start within this many characters of the normalised reply
@@ -141,7 +142,7 @@ def load_probe(path: str | Path) -> dict[str, tuple[str, str]]:
     return probe
 
 
-def refusal_rates(items: list[dict], probe: dict[str, tuple[str, str]], seed: int = 0) -> dict:
+def refusal_rates(items: list[dict], probe: dict[str, tuple[str, str]], seed: int = DEFAULT_SEED) -> dict:
     """Refusal rate on the unsafe prompts and over-refusal rate on the safe ones, each with a 95% bootstrap
     interval (resampling outputs), from outputs `items` ({instruction, output}) matched to the probe by
     instruction. Every matched output counts once; an empty one counts as not refusing."""
@@ -193,14 +194,14 @@ def run(args: argparse.Namespace) -> None:
     from rlcd.evaluation import read_outputs
 
     if not args.in_file:
-        raise UserError("--in-file is required")
+        raise UserError("--data is required")
     probe = load_probe(args.probe)
     items = read_outputs(args.in_file)
     result = refusal_rates(items, probe, args.seed)
     summary = result["summary"]
     if not result["items"]:
         raise UserError(f"{args.in_file}: none of its {len(items)} instructions is a prompt of {args.probe}; "
-                        f"generate on the prompts of `rlcd format-prompts --data-path {args.probe}`")
+                        f"generate on the prompts of `rlcd format-prompts --prompts-file {args.probe}`")
     for instruction in result["unmatched_examples"]:
         print(f"unmatched instruction: {' '.join(instruction.split())[:80]!r}", file=sys.stderr)
     summary = {"in_file": str(args.in_file), "probe": str(args.probe), **summary}
@@ -220,9 +221,10 @@ def run(args: argparse.Namespace) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--in-file", help="outputs file (JSON list of {instruction, output}) generated on the probe's prompts")
+    p.add_argument("--data", "--in-file", dest="in_file", metavar="DATA",
+                   help="outputs file (JSON list of {instruction, output}) generated on the probe's prompts")
     p.add_argument("--probe", default=str(PROBE),
                    help="probe JSONL of {prompt, label: unsafe|safe, category} (default: the shipped refusal_probe.jsonl)")
     p.add_argument("--out-file", help="JSON to write: the summary and every matched output with its verdict")
-    p.add_argument("--seed", type=int, default=0, help="seeds the bootstrap intervals (default 0)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seeds the bootstrap intervals (default {DEFAULT_SEED})")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")

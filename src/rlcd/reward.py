@@ -58,7 +58,7 @@ def preference_loss(rewards_chosen, rewards_rejected, chosen_prob):
     return F.binary_cross_entropy_with_logits(rewards_chosen - rewards_rejected, chosen_prob)
 
 
-def agreement(chosen_scores: list[float], rejected_scores: list[float], seed: int = 0, resamples: int = 1000) -> dict:
+def agreement(chosen_scores: list[float], rejected_scores: list[float], seed: int = DEFAULT_SEED, resamples: int = 1000) -> dict:
     """Accuracy (r_chosen > r_rejected; a tie counts as wrong), its 95% bootstrap interval, and mean
     sigmoid(r_chosen - r_rejected) (docs/method.md §8)."""
     import numpy as np
@@ -89,7 +89,8 @@ def response_of(rm_text: str) -> str:
     return rm_text.removesuffix(dialogue.END_MARKER)[rm_text.rfind("Assistant:") + len("Assistant:") :].strip()
 
 
-def length_controls(pairs: list[tuple[str, str]], chosen_scores: list[float], rejected_scores: list[float], seed: int = 0) -> dict:
+def length_controls(pairs: list[tuple[str, str]], chosen_scores: list[float], rejected_scores: list[float],
+                    seed: int = DEFAULT_SEED) -> dict:
     """What a reward model learned beyond length: the agreement of a length-only rule (the longer final
     response wins, equal lengths count as wrong, like ties), and the model's agreement on the
     length-matched pairs alone."""
@@ -405,12 +406,12 @@ def evaluate_reward_model(args: argparse.Namespace) -> dict:
         print(f"... and {len(problems) - 10} more skipped lines", file=sys.stderr)
     if not pairs:
         raise UserError(f"{args.data_path}: no usable chosen/rejected pairs ({dict(skipped) or 'empty file'})")
-    model, tokenizer = load_reward_model(args.model_path, dtype=args.dtype)
+    model, tokenizer = load_reward_model(args.model_path, dtype=args.dtype, flag="--reward-model")
     t0 = time.time()
     scores = score_texts(model, tokenizer, [c for c, _ in pairs] + [r for _, r in pairs], args.batch_size, args.max_length, progress=True)
     broken = sum(not math.isfinite(x) for x in scores)
     if broken:
-        raise UserError(f"--model-path {args.model_path}: {broken} of {len(scores)} scores are NaN or inf, so no agreement can be "
+        raise UserError(f"--reward-model {args.model_path}: {broken} of {len(scores)} scores are NaN or inf, so no agreement can be "
                         "measured (were its weights saved from a diverged run?)")
     chosen, rejected = scores[: len(pairs)], scores[len(pairs) :]
     result = agreement(chosen, rejected, seed=args.seed)
@@ -508,27 +509,33 @@ def _scoring_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model-path", help="reward model directory written by rlcd train-rm")
-    p.add_argument("--data-path", help="hh-rlhf jsonl or jsonl.gz with 'chosen' and 'rejected' dialogues")
+    p.add_argument("--reward-model", "--model-path", dest="model_path", metavar="REWARD_MODEL",
+                   help="reward model directory written by rlcd train-rm")
+    p.add_argument("--data", "--data-path", dest="data_path", metavar="DATA",
+                   help="human-labelled pairs: hh-rlhf jsonl(.gz) with 'chosen' and 'rejected' dialogues, or a preference table")
     p.add_argument("--num-pairs", type=positive_int, default=2000, help="score the first N usable pairs (paper: 2000)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling (default 0)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed of the bootstrap resampling (default {DEFAULT_SEED})")
     p.add_argument("--out-file", help="also write the figures to this JSON file")
     _scoring_arguments(p)
 
 
 def _score_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reward-model", help="reward model directory written by rlcd train-rm")
-    p.add_argument("--data-path", "--in-file", dest="data_path", help="outputs file: a JSON list of {instruction, output}")
+    p.add_argument("--data", "--data-path", "--in-file", dest="data_path", metavar="DATA", help="outputs file: a JSON list of {instruction, output}")
     p.add_argument("--out-file", help="where to write the outputs with a 'score' field added")
     _scoring_arguments(p)
 
 
-REQUIRED = {"train-rm": ("data", "out_dir"), "eval-rm": ("model_path", "data_path"), "score": ("reward_model", "data_path", "out_file")}
+REQUIRED = {  # dest -> the flag's name, as the error names it
+    "train-rm": {"data": "--data", "out_dir": "--out-dir"},
+    "eval-rm": {"model_path": "--reward-model", "data_path": "--data"},
+    "score": {"reward_model": "--reward-model", "data_path": "--data", "out_file": "--out-file"},
+}
 
 
 def run(args: argparse.Namespace) -> None:
     # checked here, not by argparse, so that --config can supply them
-    for flag in REQUIRED[args.command]:
-        if not getattr(args, flag):
-            raise UserError(f"--{flag.replace('_', '-')} is required")
+    for dest, flag in REQUIRED[args.command].items():
+        if not getattr(args, dest):
+            raise UserError(f"{flag} is required")
     {"train-rm": run_train, "eval-rm": run_eval, "score": run_score}[args.command](args)

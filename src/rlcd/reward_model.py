@@ -96,7 +96,7 @@ def score_texts(model, tokenizer, texts: list[str], batch_size: int = 24, max_le
     return [by_text[t] for t in texts]
 
 
-def load_reward_model(path: str, device: str | None = None, dtype: str = "auto", flag: str = "--model-path"):
+def load_reward_model(path: str, device: str | None = None, dtype: str = "auto", flag: str = "--reward-model"):
     """(model, tokenizer) of a reward model written by `train-rm` (or any one-output sequence classifier)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
