@@ -465,6 +465,6 @@ def test_a_transformers_without_the_internals_fails_at_once_naming_them():
     result = subprocess.run([sys.executable, "-c", INCOMPATIBLE], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     message = result.stdout.strip()
-    assert message.startswith(f"the fast engine cannot run on transformers ") and "\n" not in message
+    assert message.startswith("the fast engine cannot run on transformers ") and "\n" not in message
     assert "transformers.integrations.sdpa_attention.sdpa_attention_forward" in message
     assert "transformers.modeling_layers.GradientCheckpointingLayer" in message and message.endswith("use --engine hf")
