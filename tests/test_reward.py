@@ -172,8 +172,11 @@ def test_trainer_loss_carries_soft_target_through_the_collator(base_model, tmp_p
     texts = [format_rm_input("Human: tell me about lamp\n\nAssistant:", t) for t in ("great lamp", "stone", "water light table", "dream")]
     ids, _ = encode_texts(tokenizer, texts, 64)
     cols = {"chosen_ids": ids[:2], "rejected_ids": ids[2:], "chosen_prob": [0.8, 0.3]}
-    args = argparse_namespace(batch_size=2, gradient_accumulation_steps=1, learning_rate=1e-3, epochs=1, max_steps=1,
-                              gradient_checkpointing=False, save_steps=0, seed=0)
+    from rlcd.cli import parse
+
+    # every train-rm setting at its default (as the command parses them), then the few this test needs
+    args = parse(["train-rm", "--data", "t.csv", "--out-dir", str(tmp_path), "--batch-size", "2", "--gradient-accumulation-steps", "1",
+                  "--learning-rate", "1e-3", "--epochs", "1", "--max-steps", "1", "--save-steps", "0", "--seed", "0"])
     trainer = reward.soft_label_reward_trainer()(
         model=model, args=reward.reward_config(args, tmp_path, bf16=False, has_eval=False),
         data_collator=PairCollator(tokenizer.pad_token_id), train_dataset=Dataset.from_dict(cols), processing_class=tokenizer,
@@ -183,12 +186,6 @@ def test_trainer_loss_carries_soft_target_through_the_collator(base_model, tmp_p
     scores = score_texts(model, tokenizer, texts)
     expected = preference_loss(torch.tensor(scores[:2]), torch.tensor(scores[2:]), torch.tensor([0.8, 0.3]))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
-
-
-def argparse_namespace(**kw):
-    import argparse
-
-    return argparse.Namespace(**kw)
 
 
 # ---------------------------------------------------------------------------------------------
