@@ -89,7 +89,8 @@ def ours(model, tokenizer, items, task, cfg, engine_name):
         start = time.time()
         counts = sim.run(items, {})
         elapsed = time.time() - start
-    return {"seconds": round(elapsed, 1), "pairs": counts["ok"], "pairs_per_s": counts["ok"] / elapsed, "sampled_tokens": sim.tokens, "tokens_per_s": sim.tokens / elapsed}
+    return {"seconds": round(elapsed, 1), "pairs": counts["ok"], "pairs_per_s": counts["ok"] / elapsed, "sampled_tokens": sim.tokens,
+            "tokens_per_s": sim.tokens / elapsed}
 
 
 def random_model(shape, model_name, device, eos_rate):

@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-GGUF = {"smollm2": "SmolLM2-135M-Instruct.Q4_1.gguf", "qwen-0.5b": "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", "qwen-1.5b": "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"}
+GGUF = {"smollm2": "SmolLM2-135M-Instruct.Q4_1.gguf", "qwen-0.5b": "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        "qwen-1.5b": "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"}
 PAPER = {  # Table 5, 7B simulator: accuracy % / mean probability of the human-preferred response
     ("harmless", "rlaif"): (35.6, 0.492), ("harmless", "rlcd"): (52.4, 0.516),
     ("helpful", "rlaif"): (60.6, 0.508), ("helpful", "rlcd"): (64.4, 0.601),
@@ -274,7 +275,8 @@ def summary_markdown(results: dict) -> str:
         c, t = sim["counts"], results.get("tables", {}).get(key, {})
         lines.append(f"| {key} | {c['ok']} / {c['failed']} | {c['acceptance_rate']} | {sim['pairs_per_hour']} | "
                      f"{t.get('chosen_longer_share', '')} | {t.get('mean_chars_chosen', '')} / {t.get('mean_chars_rejected', '')} |")
-    lines += ["", "| reward model (simulation) | backbone | agreement (95% CI) | mean P | length-only | length-matched pairs: agreement (CI), length-only | paper 7B |",
+    lines += ["", "| reward model (simulation) | backbone | agreement (95% CI) | mean P | length-only "
+                  "| length-matched pairs: agreement (CI), length-only | paper 7B |",
               "|---|---|---|---|---|---|---|"]
     for key, rm in results.get("reward_models", {}).items():
         a = rm["agreement"]

@@ -2,8 +2,8 @@ import gzip
 import json
 
 import pytest
-
 from conftest import HARMLESS_TEST, need_shared_data
+
 from rlcd import dialogue
 from rlcd.files import UserError
 

@@ -50,9 +50,8 @@ def test_train_rm_under_ddp_matches_one_process_with_the_same_effective_batch(tm
 def test_ppo_with_two_processes_equals_one_process(tmp_path, tiny_model_dir):
     """Each process samples, scores and runs forward passes on half of every step's rollouts and half of
     each minibatch's micro-batches; gathered rollouts and summed gradients make it the one-process run."""
-    from safetensors.torch import load_file
-
     from rel_helpers import make_ppo_models, question_file
+    from safetensors.torch import load_file
 
     policy, rm = make_ppo_models(tiny_model_dir, tmp_path)
     prompts = question_file(tmp_path / "q.json", 24)

@@ -18,14 +18,26 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from test_openai_engine import _free_port, running_llama_server
 
 from rlcd.cli import main
 from rlcd.files import UserError, load_shard
 from rlcd.judge import (
-    file_choice, format_dialogue, judge_prompt, pairwise_margin, parse_choice, parse_yes_no, pointwise_prompt, pointwise_score,
-    position_bias, read_pair, single_order, summarize, summarize_pointwise, yes_no_logprobs,
+    file_choice,
+    format_dialogue,
+    judge_prompt,
+    pairwise_margin,
+    parse_choice,
+    parse_yes_no,
+    pointwise_prompt,
+    pointwise_score,
+    position_bias,
+    read_pair,
+    single_order,
+    summarize,
+    summarize_pointwise,
+    yes_no_logprobs,
 )
-from test_openai_engine import _free_port, running_llama_server
 
 SECRET = "sk-test-judge-secret-0123456789"
 PROMPTS = [
@@ -458,7 +470,8 @@ def test_persistent_failure_is_one_line_without_the_key(fake, pair, tmp_path, ca
         compare(*pair, out, server.url, "--concurrency", "1", "--max-retries", "1")
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert e.value.code == 2
-    assert err == f"rlcd compare: error: {server.url}/v1: chat completion failed after 2 attempts: InternalServerError (HTTP 503): overloaded; your key *** is fine"
+    assert err == (f"rlcd compare: error: {server.url}/v1: chat completion failed after 2 attempts: InternalServerError (HTTP 503): "
+                   "overloaded; your key *** is fine")
     assert server.requests[0][0]["authorization"] == f"Bearer {SECRET}"  # the key was used ...
     manifest = out.with_name(out.name + ".manifest.json").read_text()
     assert json.loads(manifest)["status"] == "interrupted" and SECRET not in manifest  # ... and written nowhere

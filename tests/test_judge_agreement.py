@@ -12,12 +12,12 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import HARMLESS_TEST, need_shared_data
+from test_judge import chat_reply, compare, fake, kind_judge, kind_yes_no, pair  # noqa: F401 (fixtures)
+
 from rlcd.cli import main
 from rlcd.files import load_shard
 from rlcd.judge import agreement_summary, read_labelled_pairs, split_pair
-from test_judge import chat_reply, compare, fake, kind_judge, kind_yes_no, pair  # noqa: F401 (fixtures)
 
 # chosen/rejected dialogues as in hh-rlhf: the human picked the kind reply in the first three, the rude one in the last
 PAIRS = [

@@ -7,10 +7,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import need_default_model
 
 from rlcd.files import UserError
 from rlcd.models import resolve_model
-from conftest import need_default_model
 
 
 def test_a_missing_gguf_file_is_one_line(tmp_path):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
-import os
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -134,8 +134,6 @@ def test_failed_stage_is_one_line_naming_its_log(tmp_path, monkeypatch, capsys):
 
 
 def _fail_on(name):
-    real = pipeline.Runner.launch
-
     def launch(self, stage):
         if stage.name == name:
             log = self.run / "logs" / "x.log"

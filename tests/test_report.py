@@ -15,10 +15,10 @@ from unittest import mock
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from test_untrusted_text import CONTROL, hostile, markdown_parser, one_line, text_of  # hostile text, and reading Markdown back
 
 from rlcd.cli import main
 from rlcd.text import terminal_safe
-from test_untrusted_text import CONTROL, hostile, markdown_parser, one_line, text_of  # hostile text, and reading Markdown back
 
 LONG_OUTPUT = "I can help with that. " * 60  # over the collapse limit: shown under <details>
 HOSTILE = "Sure: <script>alert('x')</script> & </details></div> | done"  # must come out as text

@@ -18,8 +18,8 @@ import torch
 
 from rlcd import reward
 from rlcd.cli import main
-from rlcd.files import UserError
 from rlcd.dialogue import END_MARKER
+from rlcd.files import UserError
 from rlcd.reward import (
     PairCollator,
     agreement,
@@ -305,7 +305,8 @@ def test_train_rm_prints_out_dir_last_and_reports_skips(base_model, tmp_path, ca
     rows[6]["win2_prob"] = 1.5
     table = write_jsonl(tmp_path / "scored.jsonl", rows)
     out = tmp_path / "rm"
-    lines = run_cli(["train-rm", "--data", str(table), "--model", base_model, "--out-dir", str(out), "--eval-pairs", "5", "--max-steps", "2", *TRAIN_FLAGS], capsys)
+    lines = run_cli(["train-rm", "--data", str(table), "--model", base_model, "--out-dir", str(out), "--eval-pairs", "5", "--max-steps", "2",
+                     *TRAIN_FLAGS], capsys)
     assert lines[-1] == str(out)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["skipped"] == {"empty response": 1, "win2_prob not a number in [0, 1]": 2}
@@ -511,7 +512,8 @@ def test_score_adds_scores_in_order(trained_rm, tmp_path, capsys):
     assert scored[0]["score"] > scored[1]["score"]  # the marker word
 
 
-@pytest.mark.parametrize("content,message", [("{}", "expected a non-empty JSON list"), ("[]", "expected a non-empty JSON list"), ('[{"instruction": "p"}]', "item 0: field 'output'"), ("[", "not valid JSON")])
+@pytest.mark.parametrize("content,message", [("{}", "expected a non-empty JSON list"), ("[]", "expected a non-empty JSON list"),
+                                             ('[{"instruction": "p"}]', "item 0: field 'output'"), ("[", "not valid JSON")])
 def test_score_rejects_bad_outputs_files(tmp_path, content, message):
     path = tmp_path / "outputs.json"
     path.write_text(content)

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import EXAMPLE_PROMPTS
 
-from conftest import EXAMPLE_PROMPTS, need_default_model
 from rlcd import simulate
 from rlcd.cli import main
 from rlcd.engines import Completion

@@ -312,7 +312,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("--max-prompts", type=positive_int, default=None, help="use only the first N usable prompts")
         p.add_argument("--rm-batch-size", type=positive_int, default=32, help="texts per reward-model forward pass (default 32)")
     if stage != "rloo":
-        p.add_argument("--max-length", type=positive_int, default=512, help="tokens per training sequence, prompt included; longer ones lose their end (default 512)")
+        p.add_argument("--max-length", type=positive_int, default=512,
+                       help="tokens per training sequence, prompt included; longer ones lose their end (default 512)")
     trainer_arguments(p, lora_help="train LoRA adapters instead of all weights; the saved model is merged")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed for initialisation, data order and sampling (default {DEFAULT_SEED})")
 

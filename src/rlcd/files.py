@@ -10,8 +10,9 @@ import re
 import sys
 import tempfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from rlcd import __version__
 

@@ -37,8 +37,8 @@ import random
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from rlcd.engines import openai_server
 from rlcd.evaluation import SPLITS, bootstrap_ci, position_bias, read_hh_pairs, read_outputs

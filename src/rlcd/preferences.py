@@ -465,5 +465,6 @@ def run(args: argparse.Namespace) -> None:
         print(json.dumps(summary))
     else:
         print(f"{summary['pairs']} pairs ({layout} layout), {summary['failed']} failed prompts, skipped prompts {summary['skipped_prompts'] or 0}")
-        print(f"preference=1 in {summary['preference_1_fraction']} of pairs; mean chars chosen {summary['mean_chars_chosen']}, rejected {summary['mean_chars_rejected']}")
+        print(f"preference=1 in {summary['preference_1_fraction']} of pairs; "
+              f"mean chars chosen {summary['mean_chars_chosen']}, rejected {summary['mean_chars_rejected']}")
     print(out)

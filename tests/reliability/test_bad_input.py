@@ -19,8 +19,8 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-
 from rel_helpers import assert_user_error, captured, cli, records, scripted_simulate
+
 from rlcd import dialogue, preferences, reward, tasks
 from rlcd.files import UserError, is_text
 
@@ -374,7 +374,8 @@ def test_damaged_shards_give_one_line_errors_in_consolidate(shard_dir, data):
 
 def test_each_stage_reports_bad_files_in_one_line(tmp_path):
     bad_jsonl = tmp_path / "bad.jsonl"
-    bad_jsonl.write_text('{"instruction": "p", "output_1": "a", "output_2": "b", "preference": 1}\n{"instruction": 5, "output_1": "a", "output_2": "b", "preference": 1}\n')
+    bad_jsonl.write_text('{"instruction": "p", "output_1": "a", "output_2": "b", "preference": 1}\n'
+                         '{"instruction": 5, "output_1": "a", "output_2": "b", "preference": 1}\n')
     ragged = tmp_path / "ragged.csv"
     ragged.write_text("instruction,input,output_1,output_2,preference\np,,a,b,1\np,,a,b,2,extra\n")
     not_gz = tmp_path / "pairs.jsonl.gz"

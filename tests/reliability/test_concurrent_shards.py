@@ -7,8 +7,9 @@ import subprocess
 from collections import Counter
 
 from rel_helpers import assert_user_error, env, kill_9, question_file, records, rlcd_cmd, run, scripted_cmd, scripted_simulate
-from rlcd.files import load_shard
 from test_kill_resume import running, wait_for
+
+from rlcd.files import load_shard
 
 FLAGS = ["--batch-size", 2, "--max-attempts", 3, "--method", "rlcd_rescore"]
 

@@ -15,10 +15,21 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from rel_helpers import (
+    ONE_THREAD,
+    assert_user_error,
+    assert_whole_lines,
+    env,
+    marker_table,
+    question_file,
+    records,
+    rlcd_cmd,
+    run,
+    scripted_cmd,
+    scripted_simulate,
+)
 
 from rlcd.cli import main
-from rel_helpers import (ONE_THREAD, assert_user_error, assert_whole_lines, env, marker_table, question_file, records, rlcd_cmd,
-                         run, scripted_cmd, scripted_simulate)
 
 
 def file_size_limit(limit: int):

@@ -15,9 +15,21 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from rel_helpers import (
+    ONE_THREAD,
+    assert_whole_lines,
+    env,
+    kill_9,
+    make_ppo_models,
+    marker_table,
+    question_file,
+    records,
+    rlcd_cmd,
+    run,
+    scripted_cmd,
+    scripted_simulate,
+)
 
-from rel_helpers import (ONE_THREAD, assert_whole_lines, env, kill_9, make_ppo_models, marker_table, question_file, records,
-                         rlcd_cmd, run, scripted_cmd, scripted_simulate)
 from rlcd.files import load_shard
 
 
@@ -163,7 +175,7 @@ def test_train_rm_resumes_past_a_checkpoint_cut_short(tmp_path, tiny_model_dir):
     proc = subprocess.Popen(rlcd_cmd(*flags, "--out-dir", cut), env=env(**ONE_THREAD), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert wait_for(lambda: any(ckpts.glob("checkpoint-*/trainer_state.json")), proc)
     kill_9(proc)
-    complete = sorted((int(d.parent.name.split("-")[1]) for d in ckpts.glob("checkpoint-*/trainer_state.json")))
+    complete = sorted(int(d.parent.name.split("-")[1]) for d in ckpts.glob("checkpoint-*/trainer_state.json"))
     last = complete[-1]
     assume_partial = ckpts / f"checkpoint-{last + 2}"  # what a kill in the middle of the next save leaves
     shutil.rmtree(assume_partial, ignore_errors=True)

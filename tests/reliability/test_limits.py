@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from rel_helpers import assert_user_error, cli, records, scripted_simulate
+
 from rlcd.cli import main
 from rlcd.simulate import TOO_LONG
 

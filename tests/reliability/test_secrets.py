@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from rel_helpers import FaultServer, assert_user_error, env, question_file, rlcd_cmd, run
 
 KEY = "sk-rlcd-test-0123456789abcdefSECRET"

@@ -13,8 +13,8 @@ import statistics
 from collections import Counter, defaultdict
 
 import pytest
-
 from rel_helpers import FaultServer, assert_user_error, assert_whole_lines, question_file, records, rlcd_cmd, run
+
 from rlcd.engines import SamplingParams
 from rlcd.engines.openai_server import OpenAIEngine
 from rlcd.simulate import TOO_LONG

@@ -8,8 +8,9 @@ methods. `make_engine` and `load_engine` build every in-process engine, and
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 SCORING_TOKEN_BUDGET = 16384
 """Most tokens, padding included (rows x the longest row), in one scoring forward (reward scores, A/B

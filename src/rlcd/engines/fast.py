@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import warnings
 from collections import deque
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -8,7 +8,7 @@ the rule of `ending.py`, which FastEngine follows too.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Sequence
 from contextlib import contextmanager
-from typing import Sequence
 
 from rlcd.files import UserError
 

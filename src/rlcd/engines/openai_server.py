@@ -57,8 +57,9 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from typing import Callable, Sequence, TypeVar
+from typing import TypeVar
 from urllib.parse import urlparse
 
 from rlcd.engines import Completion, SamplingParams
