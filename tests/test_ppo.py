@@ -428,6 +428,39 @@ def test_batched_response_logprobs_equal_one_row_at_a_time(tiny_model_dir):
             assert batch["mask"][b].sum() == n
 
 
+@pytest.mark.parametrize("base, option", [([], "--gradient-checkpointing"), (["--lora", "--lora-r", "4"], "--gradient-checkpointing"),
+                                          ([], "--sort-by-length")])
+def test_each_training_speed_option_gives_the_same_losses_and_update(base, option, tiny_model_dir, tiny_rm, tmp_path, seeded_engine,
+                                                                    monkeypatch):
+    """The options change only how the work is batched or what is kept for the backward pass: one step (rollouts, losses,
+    gradient norm, new weights) is the same with and without."""
+    runs = []
+    real_collate = ppo.collate
+    for extra in (base, [*base, option]):
+        args = make_args(tiny_model_dir, tiny_rm, tmp_path, "--rollouts", "8", "--minibatch-size", "8", "--micro-batch-size", "3",
+                         "--forward-batch-size", "3", "--epochs", "1", "--learning-rate", "1e-2", *extra)
+        prompts, _ = ppo.load_ppo_prompts(args.prompts, ppo.load_tokenizer_for(args), args.max_prompt_tokens)
+        torch.manual_seed(0)  # the same LoRA initialisation
+        trainer = ppo.PPO(args, prompts, "cpu")
+        start = {k: v.clone() for k, v in ppo.trainable_state(trainer.policy).items()}  # (on CPU the state shares the weights)
+        positions, mlp_calls = [], []  # token positions through the models (padding included); runs of the first layer's MLP
+        monkeypatch.setattr(ppo, "collate", lambda rows, *a: positions.append(real_collate(rows, *a)["input_ids"].numel())
+                            or real_collate(rows, *a))
+        mlp = trainer.policy.get_decoder().layers[0].mlp
+        monkeypatch.setattr(mlp, "forward", lambda x, forward=mlp.forward: mlp_calls.append(1) or forward(x))
+        stats = trainer.run_step()
+        weights = ppo.trainable_state(trainer.policy)
+        assert any(not torch.equal(weights[k], start[k]) for k in weights)
+        runs.append(({k: v for k, v in ppo.numbers(stats).items() if k not in TIMES}, weights, sum(positions), len(mlp_calls)))
+    (before, weights_before, positions_before, calls_before), (after, weights_after, positions_after, calls_after) = runs
+    assert after == pytest.approx(before, rel=1e-5, abs=1e-6)  # scores, KL, entropy, losses, clip fraction, gradient norm
+    assert all(torch.allclose(weights_after[k], weights_before[k], atol=1e-6) for k in weights_before)
+    if option == "--sort-by-length":
+        assert positions_after < positions_before
+    else:  # the first layer ran once more per micro-batch (8 rollouts in 3): it recomputed its activations in the backward pass
+        assert calls_after == calls_before + 3
+
+
 def test_report_to_tensorboard_writes_every_step(tiny_model_dir, tiny_rm, tmp_path, seeded_engine):
     pytest.importorskip("tensorboard", reason="needs the tensorboard package (in the test extra)")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -196,6 +196,30 @@ def trainable_state(module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
 
 
+def checkpointed_layers(*models) -> list[torch.nn.Module]:
+    """Turn on activation checkpointing in Hugging Face models (--gradient-checkpointing); their transformer layers,
+    which then keep only their inputs and recompute the rest in the backward pass, while `recomputing`."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for model in models:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable  # renamed in transformers 5
+        enable({"use_reentrant": False})
+    return [m for model in models for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+@contextmanager
+def recomputing(layers: list[torch.nn.Module]):
+    """Hugging Face checkpoints a layer only in training mode: these layers are put in it, and only they (dropout
+    below them stays off, so the updates compute the function the rollouts were evaluated with)."""
+    for m in layers:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.training = False
+
+
 # --------------------------------------------------------------------------------------------------
 # Rollouts, and batches of them: prompts followed by right-padded responses
 # --------------------------------------------------------------------------------------------------
@@ -291,7 +315,11 @@ def response_values(value_model, batch: dict) -> torch.Tensor:
     return gather_positions(values, batch).float()
 
 
-def batches(rollouts: list[Rollout], size: int) -> list[list[Rollout]]:
+def batches(rollouts: list[Rollout], size: int, by_length: bool = False) -> list[list[Rollout]]:
+    """Consecutive batches of `size` rollouts; by_length: of the rollouts in length order (prompt + response), so
+    that each batch, padded to its longest, pads less (--sort-by-length)."""
+    if by_length:
+        rollouts = sorted(rollouts, key=lambda r: len(r.prompt_ids) + len(r.response_ids))
     return [rollouts[i : i + size] for i in range(0, len(rollouts), size)]
 
 
@@ -323,6 +351,7 @@ class PPO:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.kl = KLController(args.kl, args.kl_target, args.kl_horizon)
         self.step = 0
+        self.checkpointed = checkpointed_layers(self.policy, self.value.backbone) if args.gradient_checkpointing else []
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") and args.dtype != "float32" else nullcontext()
 
     # -- which prompts a step uses: a pure function of (seed, step), so resume repeats nothing -----------
@@ -411,7 +440,7 @@ class PPO:
     def evaluate(self, rollouts: list[Rollout]) -> None:
         """Old (sampling) log-probs and entropy under the policy, reference log-probs and values: a forward batch at a time."""
         a = self.args
-        for part in batches(rollouts, a.forward_batch_size):
+        for part in batches(rollouts, a.forward_batch_size, a.sort_by_length):
             batch = collate(part, self.pad_id, self.device)
             with self.autocast:
                 logits = response_logits(self.policy, batch, a.temperature)
@@ -465,7 +494,7 @@ class PPO:
         a = self.args
         batch = collate(part, self.pad_id, self.device)
         width = batch["width_r"]
-        with self.autocast:
+        with self.autocast, recomputing(self.checkpointed):
             logprobs = token_logprobs(response_logits(self.policy, batch, a.temperature), batch["response_ids"])
             values = response_values(self.value, batch)
         return ppo_losses(
@@ -487,7 +516,7 @@ class PPO:
                 minibatch = [rollouts[i] for i in order[start : start + a.minibatch_size]]
                 tokens = sum(len(r.response_ids) for r in minibatch)
                 self.optimizer.zero_grad(set_to_none=True)
-                for part in batches(minibatch, a.micro_batch_size)[self.rank :: self.world]:  # this process's share
+                for part in batches(minibatch, a.micro_batch_size, a.sort_by_length)[self.rank :: self.world]:  # this process's share
                     pg, vf, clipped = self.losses(part)
                     ((pg + a.vf_coef * vf) / tokens).backward()
                     totals["policy_loss"] += pg.item()
@@ -805,6 +834,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--minibatch-size", type=positive_int, default=256, help="rows per optimizer step")
     p.add_argument("--micro-batch-size", type=positive_int, default=16, help="rows per forward/backward (gradient accumulation)")
     p.add_argument("--forward-batch-size", type=positive_int, default=32, help="rows per no-grad forward (log-probs, values, rewards)")
+    p.add_argument("--sort-by-length", action="store_true",
+                   help="fill forward batches and micro-batches with rollouts in length order (prompt + response), so each pads "
+                        "less: the same minibatches and losses up to float rounding, less compute (default: off)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="in the updates, policy and value model keep only each layer's input and recompute the rest in the backward "
+                        "pass: activation memory for larger --micro-batch-size, for about one more forward pass (default: off)")
     p.add_argument("--generation-batch-size", type=positive_int, default=256, help="rows decoded at once by the rollout engine")
     p.add_argument("--epochs", type=positive_int, default=2, help="passes over each rollout batch")
     p.add_argument("--kl", type=float, default=0.002, help="KL penalty coefficient beta (docs/method.md §6: 0.002 or 0.004)")
