@@ -42,7 +42,7 @@ def test_a_second_process_on_the_same_slice_is_refused(tmp_path):
     scripted_simulate("--prompts-file", prompts, *FLAGS, "--out-dir", tmp_path / "one")
     out = tmp_path / "out"
     cmd = scripted_cmd("--prompts-file", prompts, *FLAGS, "--out-dir", out)
-    first = start(cmd, RLCD_TEST_DELAY=0.1)
+    first = start(cmd, RLCD_TEST_DELAY=0.4)
     assert wait_for(running(out / "manifest-r0-of-1.json"), first)
     second = run(cmd)
     assert_user_error(second, str(out / "records-r0-of-1.jsonl"), f"process {first.pid}", "already writing this shard")
