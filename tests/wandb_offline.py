@@ -55,7 +55,8 @@ def offline_env(monkeypatch, wandb_dir: Path) -> None:
     """W&B offline, writing under wandb_dir, with WANDB_PROJECT unset (training sets it; undone after the test)."""
     import pytest
 
-    pytest.importorskip("wandb", reason="needs the wandb package (in the test extra)")
+    wandb = pytest.importorskip("wandb", reason="needs the wandb package (in the test extra)")
+    wandb.teardown()  # an earlier test's run leaves its settings (WANDB_DIR) in this process's wandb singleton
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(wandb_dir))
     monkeypatch.setenv("WANDB_SILENT", "true")

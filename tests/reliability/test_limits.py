@@ -53,7 +53,7 @@ SIMULATE_BAD = [
     (["--indices", "9-3"], "--indices: '9-3' is not an index"),
     (["--model", "/no/such/model-dir"], "/no/such/model-dir"),
     (["--backend", "openai"], "--backend openai needs --api-model"),
-    (["--backend", "openai", "--base-url", "localhost:8000", "--api-model", "m"], "--base-url localhost:8000: expected an http(s) URL"),
+    (["--backend", "openai", "--base-url", "localhost:8000", "--api-model", "m"], "--base-url localhost:8000: expected http(s) URLs"),
     (["--backend", "openai", "--base-url", "http://127.0.0.1:1/v1", "--api-model", "m", "--concurrency", "0"], "--concurrency must be at least 1"),
     (["--backend", "openai", "--base-url", "http://127.0.0.1:1/v1", "--api-model", "m", "--timeout", "0"], "--timeout must be positive"),
     (["--backend", "openai", "--base-url", "http://127.0.0.1:1/v1", "--api-model", "m", "--max-retries", "-1"], "--max-retries must be >= 0"),
