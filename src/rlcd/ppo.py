@@ -10,7 +10,7 @@ implements. `PPO.rollout` runs parts 1-6 in order, each filling its fields of on
    model may have several). Every log-prob (old, new, reference) and the entropy are taken from
    logits / --temperature: the distribution actually sampled, as in AlpacaFarm.
 2. score [Reward]: each response is cut at the first "\\n\\nHuman:" and scored by the reward model as
-   prompt + " " + cut response + "\\n\\nHuman:" (`reward.format_rm_input`); a response without the
+   prompt + " " + cut response + "\\n\\nHuman:" (`reward_model.format_rm_input`); a response without the
    marker (or empty before it) gets -1 instead (with --accept-eos a response that ended with the
    model's end-of-sequence token counts as ended).
 3. evaluate: the old (sampling) and reference log-probs, the entropy and the value model's values of every response token.
@@ -58,8 +58,9 @@ from rlcd import artifacts, dialogue
 from rlcd.dialogue import end_of_response
 from rlcd.engines import SamplingParams
 from rlcd.files import UserError, append_lines, atomic_write_text, ensure_dir, load_shard, now, write_manifest
-from rlcd.reward import format_rm_input, non_negative_int, positive_int, require_tracker, score_texts, tracking_arguments
-from rlcd.simulate import sample_seed
+from rlcd.reward_model import format_rm_input, load_reward_model, score_texts
+from rlcd.seeds import DEFAULT_SEED, sample_seed
+from rlcd.training import non_negative_int, positive_int, require_tracker, tracking_arguments
 
 WARMUP_STEPS = 5
 
@@ -158,7 +159,6 @@ def build_models(args, device: str):
     from transformers import AutoModelForCausalLM
 
     from rlcd.models import load_tokenizer, resolve_dtype, resolve_model
-    from rlcd.reward import load_reward_model
 
     # full fine-tuning keeps fp32 master weights (bf16 steps of lr 1e-5 round away); LoRA trains fp32 adapters on bf16 weights
     weights = resolve_dtype(args.dtype, device) if args.lora else torch.float32
@@ -824,9 +824,9 @@ def validate(args) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompts", "--prompts-file", dest="prompts", required=True, help="hh-rlhf dialogues (jsonl[.gz]) or a prompt list")
+    p.add_argument("--prompts-file", "--prompts", dest="prompts", required=True, help="hh-rlhf dialogues (jsonl[.gz]) or a prompt list")
     p.add_argument("--reward-model", required=True, help="reward model directory written by rlcd train-rm")
-    p.add_argument("--policy", "--model", dest="policy", default="smollm2", help="starting policy (and frozen reference)")
+    p.add_argument("--model", "--policy", dest="policy", default="smollm2", help="starting policy (and frozen reference)")
     p.add_argument("--value-model", help="initialise the value model from this reward model instead of --reward-model")
     p.add_argument("--out-dir", required=True)
     p.add_argument("--steps", type=positive_int, default=80, help="PPO steps (docs/method.md §6: 40-80)")
@@ -873,7 +873,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", choices=["auto", "fast", "hf"], default="auto", help="rollout engine (auto: fast on GPU)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", help="default: cuda if available, else cpu")
-    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=DEFAULT_SEED, help="seeds sampling, prompt order and initialisation")
     p.add_argument("--save-every", type=positive_int, default=20, help="checkpoint every N steps")
     p.add_argument("--save-total-limit", type=positive_int, default=2,
                    help="keep only the last N checkpoints; older ones are deleted once a new one is completely written (default 2)")
