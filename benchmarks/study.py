@@ -176,6 +176,13 @@ class Study:
             table.parent.mkdir(parents=True, exist_ok=True)
             stdout = self.rlcd("consolidate", "--in-dir", self.work / "sim" / key, "--out-csv", table, "--data-type", method, "--json")
             self.save("tables", key, {"file": str(table.relative_to(self.work)), **json.loads(stdout.splitlines()[-2])})
+        if self.args.drop_refusing_rejected:
+            for key, table in list(self.results.get("tables", {}).items()):
+                simulator, task, method, style = key.split("/")
+                variant = f"{simulator}/{task}/{method}-nrr/{style}"
+                if method == "rlcd" and variant not in self.results["tables"]:
+                    self.save("tables", variant, drop_refusing_rejected(self.work, table["file"], variant))
+
 
     def rm(self) -> None:
         a = self.args
@@ -195,14 +202,15 @@ class Study:
             if not (rm_dir / "metrics.json").exists():
                 self.rlcd("train-rm", "--data", self.work / table["file"], "--model", self.model(a.rm_backbone), "--out-dir", rm_dir,
                           "--resume", "--learning-rate", a.rm_lr, "--batch-size", 16, "--gradient-accumulation-steps", 1,
-                          "--eval-pairs", min(200, table["pairs"] // 10), "--save-steps", a.rm_save_steps)
+                          "--eval-pairs", min(200, table["pairs"] // 10), "--save-steps", a.rm_save_steps, "--bf16", a.rm_bf16)
             train_seconds = time.time() - started
             started = time.time()
             result = json.loads(self.rlcd("eval-rm", "--model-path", rm_dir, "--data-path", self.test_file(task),
-                                          "--num-pairs", 100000, "--batch-size", 64, "--json").splitlines()[0])
+                                          "--num-pairs", 100000, "--batch-size", 64, "--json",
+                                          *(["--dtype", "float32"] if a.rm_bf16 == "false" else [])).splitlines()[0])
             metrics = json.loads((rm_dir / "metrics.json").read_text())
             self.save("reward_models", key, {
-                "backbone": a.rm_backbone, "learning_rate": a.rm_lr, "train_seconds": round(train_seconds, 1),
+                "backbone": a.rm_backbone, "learning_rate": a.rm_lr, "bf16": a.rm_bf16, "train_seconds": round(train_seconds, 1),
                 "eval_seconds": round(time.time() - started, 1),
                 "train": {k: metrics.get(k) for k in ("train_loss", "heldout", "pairs", "train_runtime")},
                 "agreement": result, "paper_7b": PAPER.get((task, key.split("/")[2])),
@@ -268,6 +276,26 @@ class Study:
         print((out / "study.md").read_text())
 
 
+def drop_refusing_rejected(work: Path, file: str, key: str) -> dict:
+    """A copy of an rlcd table without the pairs whose rejected output (the negative prompt's) is a refusal by
+    `rlcd.refusal.is_refusal`: there the negative prompt did not elicit the attribute it names."""
+    import csv
+
+    from rlcd.refusal import is_refusal
+
+    csv.field_size_limit(sys.maxsize)
+    with open(work / file, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames, list(reader)
+    kept = [r for r in rows if not is_refusal(r["output_2"] if r["preference"] == "1" else r["output_1"])]
+    out = work / "tables" / (key.replace("/", "__") + ".csv")
+    with open(out, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(kept)
+    return {"file": str(out.relative_to(work)), "pairs": len(kept), "dropped_refusing_rejected": len(rows) - len(kept), "from": file}
+
+
 def summary_markdown(results: dict) -> str:
     lines = ["| simulation | pairs ok / failed | acceptance | pairs/hour | chosen longer | mean chars chosen / rejected |",
              "|---|---|---|---|---|---|"]
@@ -322,6 +350,10 @@ def main() -> None:
     p.add_argument("--rm-backbone", default="qwen-0.5b")
     p.add_argument("--rm-lr", type=float, default=1e-5)
     p.add_argument("--rm-save-steps", type=int, default=0, help="checkpoint every N steps for --resume (default none)")
+    p.add_argument("--rm-bf16", default="false", choices=["auto", "true", "false"],
+                   help="train-rm --bf16 (default false: bf16 mixed precision gave NaN weights on two tables, docs/study.md §3)")
+    p.add_argument("--drop-refusing-rejected", action="store_true",
+                   help="also train on each rlcd table without the pairs whose rejected output is a refusal (key method rlcd-nrr)")
     p.add_argument("--min-pairs", type=int, default=100, help="train no reward model on a table with fewer pairs")
     p.add_argument("--keep-models", action="store_true", help="keep the reward models' weights")
     p.add_argument("--judge-models", default="smollm2,qwen-0.5b,qwen-1.5b")
