@@ -277,23 +277,18 @@ class Study:
 
 
 def drop_refusing_rejected(work: Path, file: str, key: str) -> dict:
-    """A copy of an rlcd table without the pairs whose rejected output (the negative prompt's) is a refusal by
-    `rlcd.refusal.is_refusal`: there the negative prompt did not elicit the attribute it names."""
-    import csv
-
+    """A copy of an rlcd table (any layout `rlcd consolidate` writes) without the pairs whose rejected output
+    (the negative prompt's) is a refusal by `rlcd.refusal.is_refusal`: the negative prompt did not elicit
+    the attribute it names. Written in the original release's layout."""
+    from rlcd.preferences import read_table, write_table
     from rlcd.refusal import is_refusal
 
-    csv.field_size_limit(sys.maxsize)
-    with open(work / file, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        fields, rows = reader.fieldnames, list(reader)
-    kept = [r for r in rows if not is_refusal(r["output_2"] if r["preference"] == "1" else r["output_1"])]
+    rows, skipped = read_table(work / file)
+    kept = [r for r in rows if not is_refusal(r["output_2"] if r["preference"] == 1 else r["output_1"])]
     out = work / "tables" / (key.replace("/", "__") + ".csv")
-    with open(out, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(kept)
-    return {"file": str(out.relative_to(work)), "pairs": len(kept), "dropped_refusing_rejected": len(rows) - len(kept), "from": file}
+    write_table([{"instruction": r["prompt"], "input": "", **r} for r in kept], out, scored=False)
+    return {"file": str(out.relative_to(work)), "pairs": len(kept), "dropped_refusing_rejected": len(rows) - len(kept),
+            "skipped": dict(skipped), "from": file}
 
 
 def summary_markdown(results: dict) -> str:
