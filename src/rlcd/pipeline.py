@@ -329,7 +329,7 @@ def demo_config() -> dict:
         "test-file": str(data / "demo_pairs.jsonl"),
         # chat prompts: the instruct model ends its turn with EOS (raw prompts rarely reach a new Human turn)
         "simulate": {"methods": ["rlcd"], "prompt-style": "chat", "max-prompts": 80, "max-new-tokens": 96, "max-attempts": 2,
-                     "batch-size": 40},
+                     "batch-size": 128},
         "train-rm": {"epochs": 1, "batch-size": 8, "gradient-accumulation-steps": 1, "learning-rate": 3e-5, "eval-pairs": 0},
         "eval-rm": {"batch-size": 16, "num-pairs": 160},
         "systems": {"base": {}, "rlcd-ppo": {"stage": "ppo", "reward-model": "rlcd", "lora": True, "steps": 4, "rollouts": 8,
