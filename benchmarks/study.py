@@ -183,7 +183,6 @@ class Study:
                 if method == "rlcd" and variant not in self.results["tables"]:
                     self.save("tables", variant, drop_refusing_rejected(self.work, table["file"], variant))
 
-
     def rm(self) -> None:
         a = self.args
         self.refresh()
