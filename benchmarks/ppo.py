@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generation import BOS, EOS, PAD, SHAPES, IdTokenizer  # noqa: E402
 
 from rlcd import ppo  # noqa: E402
-from rlcd.cli import build_parser  # noqa: E402
+from rlcd.cli import parse  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,7 +104,7 @@ def run_setting(name: str, shape: str, lora: bool, rollouts: int, max_new: int, 
             "--minibatch-size", str(min(256, rollouts)), "--micro-batch-size", str(micro), "--forward-batch-size", str(2 * micro),
             "--generation-batch-size", str(min(gen_batch, rollouts)), "--max-new-tokens", str(max_new), "--accept-eos",
             "--no-stop-at-marker", *(["--lora"] if lora else [])]
-    args = build_parser("ppo").parse_args(argv)
+    args = parse(argv)
     gen = torch.Generator().manual_seed(1)
     vocab = SHAPES[shape]["vocab_size"]
     prompts = []
@@ -203,7 +203,7 @@ def measure_levers(shape: str, lora: bool, rollouts: int, max_new: int, micro: i
         argv = ["ppo", "--prompts", "x", "--reward-model", "x", "--out-dir", "x", "--steps", "10", "--rollouts", str(rollouts),
                 "--minibatch-size", str(rollouts), "--micro-batch-size", str(micro), "--forward-batch-size", str(2 * micro),
                 "--max-new-tokens", str(max_new), "--accept-eos", "--no-stop-at-marker", *(["--lora"] if lora else []), *extra]
-        return ppo.PPO(build_parser("ppo").parse_args(argv), prompts, device)
+        return ppo.PPO(parse(argv), prompts, device)
 
     # one rollout batch, sampled and scored once: the levers act after sampling
     eos_rate.fill_(3 / max_new)

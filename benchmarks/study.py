@@ -222,7 +222,7 @@ class Study:
         """`rlcd judge-agreement` for every judge model x mode x prompt format x split, in this process:
         each model is loaded once and lent to the judges of its runs."""
         from rlcd import judge as judging
-        from rlcd.cli import build_parser
+        from rlcd.cli import parse
         from rlcd.engines.hf import HFEngine
         from rlcd.models import load_causal_lm
 
@@ -242,7 +242,7 @@ class Study:
                                 f"hf:{self.model(name)}", "--judge-mode", mode, "--prompt-format", prompt_format,
                                 "--out-file", out, "--batch-size", a.judge_batch_size, "--json",
                                 *(["--num-pairs", a.judge_pairs] if a.judge_pairs else [])]
-                        args = build_parser("judge-agreement").parse_args(list(map(str, argv)))
+                        args = parse(list(map(str, argv)))
                         if engine is None:
                             model, tokenizer = load_causal_lm(self.model(name), None, "auto")
                             engine = HFEngine(model, tokenizer, batch_size=a.judge_batch_size)

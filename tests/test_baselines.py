@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from rlcd import baselines
-from rlcd.cli import build_parser, main
+from rlcd.cli import main, parse
 from rlcd.dialogue import END_MARKER
 from rlcd.reward import format_rm_input
 
@@ -85,8 +85,8 @@ def tiny_reward_model(tiny_model_dir, tmp_path_factory) -> str:
 
 
 def parsed(stage: str, argv: list[str]):
-    """The arguments `rlcd <stage>` would run with (defaults filled in as `run` does)."""
-    args = build_parser(stage).parse_args([stage, *argv])
+    """The config `rlcd <stage>` would run with (defaults filled in as `run` does)."""
+    args = parse([stage, *argv])
     args.learning_rate = args.learning_rate or baselines.LEARNING_RATES[stage][0]
     args.bf16 = False
     return args
@@ -422,11 +422,13 @@ def test_training_args_from_a_config_file_or_json_reach_the_trainer(tmp_path, ta
     trl = training_config(SFTConfig, args, tmp_path / "checkpoints", bf16=False)
     assert (trl.adam_beta2, trl.adam_epsilon, trl.save_total_limit, trl.run_name, trl.report_to) == (0.95, 1e-6, 3, "small", [])
     # on the command line, a JSON object; applied last, so it wins over a flag
-    args = parse(["dpo", "--training-args", '{"adam_beta2": 0.9, "learning_rate": 0.5}', "--learning-rate", "1e-3"])
+    args = parse(["dpo", "--data", str(table), "--out-dir", str(tmp_path / "o"), "--training-args", '{"adam_beta2": 0.9, "learning_rate": 0.5}',
+                  "--learning-rate", "1e-3"])
     trl = training_config(DPOConfig, args, tmp_path / "checkpoints", bf16=False)
     assert (trl.adam_beta2, trl.learning_rate, trl.save_total_limit) == (0.9, 0.5, 1)
     # from the Python API, a dict
-    args = parse(command_line("rloo", {"training_args": {"gradient_checkpointing": True, "adam_epsilon": 1e-6}}))
+    args = parse(command_line("rloo", {"prompts": "p.json", "reward_model": "rm", "out_dir": str(tmp_path / "o"),
+                                       "training_args": {"gradient_checkpointing": True, "adam_epsilon": 1e-6}}))
     assert args.training_args == {"gradient_checkpointing": True, "adam_epsilon": 1e-6}
 
 
@@ -468,5 +470,5 @@ def test_every_training_command_shows_its_tracking_and_checkpoint_flags_with_def
     text = " ".join(capsys.readouterr().out.split())
     for flag in ("--report-to {none,tensorboard,wandb}", "--run-name RUN_NAME", "--save-total-limit SAVE_TOTAL_LIMIT"):
         assert flag in text
-    assert "(default: none)" in text and f"(default {2 if stage == 'ppo' else 1})" in text
+    assert "(default: none)" in text and f"(default: {2 if stage == 'ppo' else 1})" in text
     assert ("--training-args TRAINING_ARGS" in text) == (stage != "ppo")  # PPO is ours, not a Trainer

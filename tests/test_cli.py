@@ -4,6 +4,7 @@ command-line flags win even abbreviated), one-line errors, defaults shown in --h
 import pytest
 
 from rlcd.cli import main, parse
+from rlcd.files import UserError
 
 
 def config(tmp_path, text: str) -> str:
@@ -20,7 +21,7 @@ def test_config_file_supplies_required_flags(tmp_path):
 
 @pytest.mark.parametrize("flag, key, given, in_file", [("--batch", "batch-size", 4, 8), ("--se", "seed", 9, 7)])
 def test_an_abbreviated_flag_beats_the_file(tmp_path, flag, key, given, in_file):
-    cfg = config(tmp_path, f"prompts-file: p.json\n{key}: {in_file}\n")
+    cfg = config(tmp_path, f"prompts-file: p.json\nout-dir: o\n{key}: {in_file}\n")
     args = parse(["simulate", "--config", cfg, flag, str(given)])
     assert getattr(args, key.replace("-", "_")) == given
     assert getattr(parse(["simulate", "--config", cfg]), key.replace("-", "_")) == in_file
@@ -53,9 +54,9 @@ def test_help_shows_defaults(capsys):
 
 
 def test_a_key_may_be_any_name_of_its_flag(tmp_path):
-    cfg = config(tmp_path, "in-dir: sim\nout-file: prefs.parquet\n")
+    cfg = config(tmp_path, "in-dir: sim\nout-file: prefs.parquet\ndata-type: rlcd\n")
     assert parse(["consolidate", "--config", cfg]).out_csv == "prefs.parquet"
-    cfg = config(tmp_path, "in-dir: sim\nout-csv: prefs.csv\n")
+    cfg = config(tmp_path, "in-dir: sim\nout-csv: prefs.csv\ndata-type: rlcd\n")
     assert parse(["consolidate", "--config", cfg]).out_csv == "prefs.csv"
 
 
@@ -65,3 +66,12 @@ def test_an_error_line_stays_one_line_whatever_it_quotes(tmp_path, capsys):
         main(["format-prompts", "--data-path", str(hostile), "--out-file", str(tmp_path / "p.json")])
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "\x1b" not in err and "\\x1b" in err
+
+
+def test_a_bare_flag_in_a_file_means_giving_it(tmp_path):
+    base = "prompts: p.json\nreward-model: rm\nout-dir: out\n"
+    args = parse(["ppo", "--config", config(tmp_path, base + "no-stop-at-marker: true\nno-scale-rewards: true\n")])
+    assert args.stop_at_marker is False and args.reward_scaling == "none"
+    assert parse(["ppo", "--config", config(tmp_path, base + "stop-at-marker: false\n")]).stop_at_marker is False  # by the setting's name
+    with pytest.raises(UserError, match="key 'no-stop-at-marker': write true to give the flag"):
+        parse(["ppo", "--config", config(tmp_path, base + "no-stop-at-marker: false\n")])

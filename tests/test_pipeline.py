@@ -123,8 +123,7 @@ def test_interrupted_stage_runs_again_and_finished_ones_do_not(tmp_path, fake_la
 
 def test_failed_stage_is_one_line_naming_its_log(tmp_path, monkeypatch, capsys):
     cfg = tmp_path / "run.yaml"
-    bad = {**demo(), "train-rm": {"learning-rate": -1}}  # train-rm refuses it
-    cfg.write_text(yaml.safe_dump(bad))
+    cfg.write_text(yaml.safe_dump(demo()))
     monkeypatch.setattr(pipeline.Runner, "launch", _fail_on("train-rm/rlcd"))
     with pytest.raises(SystemExit) as e:
         main(["pipeline", "--config", str(cfg), "--run-dir", str(tmp_path / "run")])
@@ -153,6 +152,7 @@ def _fail_on(name):
     ({"train-rm": {"epochs": [1, 2]}}, "expected a single value"),
     # every stage's flags are parsed before the first stage runs: a late stage's typo fails at once
     ({"generate": {"max-new-tokns": 5}}, "generate: unrecognized arguments: --max-new-tokns 5"),
+    ({"train-rm": {"learning-rate": -1}}, "train-rm: --learning-rate must be positive"),  # a value check, before any stage runs
     ({"systems": {"base": {}, "rlcd-ppo": {"stage": "ppo", "stepz": 2}}}, "systems.rlcd-ppo: unrecognized arguments: --stepz 2"),
     ({"compare": {"judge": "hf:smollm2", "against": "base", "judge-mode": "both"}}, "compare: argument --judge-mode"),
 ])

@@ -175,9 +175,9 @@ class ScriptedEngine:
 
 
 def make_args(tiny_model_dir, tiny_rm, tmp_path, *extra):
-    from rlcd.cli import build_parser
+    from rlcd.cli import parse
 
-    return build_parser("ppo").parse_args(
+    return parse(
         ["ppo", "--prompts", str(EXAMPLES), "--reward-model", tiny_rm, "--policy", tiny_model_dir, "--out-dir", str(tmp_path), *SMALL, *extra])
 
 

@@ -4,7 +4,6 @@ shipped data files (prompts, demo pairs, refusal probe) read with the project's 
 from __future__ import annotations
 
 import json
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import pytest
 from rlcd.cli import main
 from rlcd.dialogue import first_human_turn, load_prompts
 from rlcd.files import UserError
-from rlcd.generate import run_format_prompts
+from rlcd.generate import FormatPromptsConfig, run_format_prompts
 from rlcd.refusal import PROBE, WINDOW, is_refusal, load_probe, refusal_rates
 from rlcd.reward import read_hh_pairs, split_dialogue
 
@@ -161,7 +160,7 @@ def test_a_probe_with_a_bad_label_is_refused(tmp_path):
 def test_format_prompts_of_the_shipped_probe_match_it(tmp_path, capsys):
     """What `rlcd format-prompts --split all` writes from the probe matches every probe prompt."""
     out = tmp_path / "probe_prompts.json"
-    run_format_prompts(Namespace(data_path=str(PROBE), split="all", max_instances=None, out_file=str(out)))
+    run_format_prompts(FormatPromptsConfig(data_path=str(PROBE), split="all", max_instances=None, out_file=str(out)))
     instructions = [x["instruction"] for x in json.loads(out.read_text())]
     result = refusal_rates([{"instruction": i, "output": ""} for i in instructions], load_probe(PROBE))
     assert result["summary"]["unmatched"] == 0 and result["summary"]["missing"] == 0

@@ -528,3 +528,16 @@ def test_train_rm_takes_its_flags_from_a_config_file(base_model, tmp_path, capsy
     lines = run_cli(["train-rm", "--config", str(config), "--max-steps", "1"], capsys)
     assert lines[-1] == str(tmp_path / "rm")
     assert json.loads((tmp_path / "rm" / "metrics.json").read_text())["train_steps"] == 1  # the flag wins over the file
+
+
+@pytest.mark.parametrize("command", ["train-rm", "sft"])
+def test_one_process_that_sees_several_gpus_is_told_how_to_use_them(command, tmp_path, monkeypatch, capsys):
+    # TRL's trainers refuse nn.DataParallel with a traceback after loading (seen on 2 H200s); say it first, in one line
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    pairs = Path(reward.__file__).parent / "data" / "demo_pairs.jsonl"
+    with pytest.raises(SystemExit) as e:
+        main([command, "--data", str(pairs), "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and "sees 2 GPUs" in err and "accelerate launch" in err
+    assert not (tmp_path / "out").exists()

@@ -1,9 +1,13 @@
-"""The Python API: every `rlcd` command as a function of its flags.
+"""The Python API: every `rlcd` command as a function of its typed config (rlcd.options) or of its flags.
 
-    from rlcd.api import format_prompts, generate
+    from rlcd.api import GenerateConfig, format_prompts, generate
 
     prompts = format_prompts(data_path="test.jsonl.gz", split="test", out_file="prompts.json")
-    generate(model="smollm2", prompts=prompts, out_file="base.json", max_new_tokens=64)
+    generate(GenerateConfig(model="smollm2", prompts=str(prompts), out_file="base.json", max_new_tokens=64))
+
+Each command's config class is here by its command's name (`rlcd train-rm`: `TrainRmConfig`; see `config_class`);
+its fields are the command's settings, with their defaults and help text. A function takes a config, keywords, or
+both (keywords override the config's fields).
 
 A keyword is a flag's name with underscores (`--batch-size` is `batch_size`, a positional such as
 report's RUN_DIR is `run_dir`), any of its names (`prompts_file` or `data_path` for format-prompts'
@@ -39,7 +43,7 @@ def command_line(command: str, options: dict) -> list[str]:
         if a.dest in ("help", "_module", "_parser"):
             continue
         # by dest: the flag of that name, else the longest (data_path: --data-path; policy: --policy)
-        names[a.dest] = (a, max(a.option_strings, key=lambda s: (s.lstrip("-").replace("-", "_") == a.dest, len(s)), default=None))
+        names.setdefault(a.dest, (a, max(a.option_strings, key=lambda s: (s.lstrip("-").replace("-", "_") == a.dest, len(s)), default=None)))
     for a in sub._actions:  # by any other name of a flag: that flag (prompts_file: --prompts-file)
         names.update({s.lstrip("-").replace("-", "_"): (a, s) for s in a.option_strings if s.startswith("--")
                       and s.lstrip("-").replace("-", "_") not in names})
@@ -51,8 +55,8 @@ def command_line(command: str, options: dict) -> list[str]:
         if not action.option_strings:
             positional.append(str(value))
             continue
-        if action.nargs == 0:  # a bare flag
-            if value:
+        if action.nargs == 0:  # a bare flag: by its own name, True gives it; by the setting's name, a non-default value
+            if (value != action.default) if key.replace("-", "_") == action.dest else value:
                 argv.append(flag)
         elif value is not None and value is not False:
             argv += [flag, *map(str, value)] if isinstance(value, (list, tuple)) else [flag, str(value)]
@@ -76,17 +80,21 @@ class _LastLine(io.TextIOBase):
         self.out.flush()
 
 
-def run_command(command: str, **options) -> Path | None:
-    """Run `rlcd COMMAND` in this process with these options; the path it wrote, or None."""
-    from rlcd.cli import parse
+def run_command(command: str, config=None, /, **options) -> Path | None:
+    """Run `rlcd COMMAND` in this process with this config and/or these options; the path it wrote, or None."""
+    from rlcd.cli import STAGES, config_class, parse
 
+    if config is not None:
+        if not isinstance(config, config_class(command)):
+            raise UserError(f"rlcd.{command.replace('-', '_')}: expected a {config_class(command).__name__}, got {type(config).__name__}")
+        options = {**config.changed(), **options}
     argv = command_line(command, options)
-    args = parse(argv)
+    config = parse(argv)  # checked exactly as on the command line
     tee, saved_argv = _LastLine(sys.stdout), sys.argv
     sys.argv = ["rlcd", *argv]  # manifests and model cards record the command this call stands for
     try:
         with contextlib.redirect_stdout(tee):
-            importlib.import_module(args._module).run(args)
+            importlib.import_module(STAGES[command][0]).run(config)
     finally:
         sys.argv = saved_argv
     last = (tee.pending or tee.last).strip()
@@ -94,13 +102,29 @@ def run_command(command: str, **options) -> Path | None:
 
 
 def _function(command: str):
-    def run(**options) -> Path | None:
-        return run_command(command, **options)
+    def run(config=None, /, **options) -> Path | None:  # positional: `config=` stays the --config file's keyword
+        return run_command(command, config, **options)
 
     run.__name__ = run.__qualname__ = command.replace("-", "_")
-    run.__doc__ = f"`rlcd {command}` with these flags as keywords (see `rlcd {command} --help`); returns the path it wrote."
+    run.__doc__ = (f"`rlcd {command}` with this config (rlcd.api.{config_name(command)}) and/or these flags as keywords "
+                   f"(see `rlcd {command} --help`); returns the path it wrote.")
     return run
 
 
+def config_name(command: str) -> str:
+    """`train-rm` -> `TrainRmConfig`: the name this module gives a command's config class."""
+    return "".join(part.capitalize() for part in command.split("-")) + "Config"
+
+
 FUNCTIONS = {command.replace("-", "_"): _function(command) for command in COMMANDS}
+CONFIG_NAMES = {config_name(command): command for command in COMMANDS}
 globals().update(FUNCTIONS)  # from rlcd.api import simulate, train_rm, ...
+
+
+def __getattr__(name: str):
+    """A command's config class, importing only its stage module: `from rlcd.api import TrainRmConfig`."""
+    if name in CONFIG_NAMES:
+        from rlcd.cli import config_class
+
+        return config_class(CONFIG_NAMES[name])
+    raise AttributeError(f"module 'rlcd.api' has no attribute '{name}'")

@@ -22,25 +22,29 @@ Checkpoints for --resume live in OUT_DIR/checkpoints until training finishes.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from rlcd import artifacts
 from rlcd.dialogue import END_MARKER, end_of_response
 from rlcd.files import UserError, atomic_write_text, now, write_manifest
+from rlcd.models import DEFAULT_MODEL
+from rlcd.options import option
 from rlcd.reward_model import format_rm_input
 from rlcd.seeds import DEFAULT_SEED
 from rlcd.training import (
+    TrainerOptions,
     check_out_dir,
     finish_tracking,
     parse_bf16,
     positive_int,
     public_config,
+    require_one_gpu_per_process,
     require_tracker,
-    trainer_arguments,
     training_config,
 )
 
@@ -107,7 +111,7 @@ def count_too_long(tokenizer, texts: list[str], max_length: int, each: bool = Fa
 # --------------------------------------------------------------------------------------------------
 
 
-def load_policy(args: argparse.Namespace, bf16: bool):
+def load_policy(args: BaselineOptions, bf16: bool):
     """(model, tokenizer, resolved path) of --model, to train."""
     import torch
     from transformers import AutoModelForCausalLM, set_seed
@@ -132,7 +136,7 @@ def load_policy(args: argparse.Namespace, bf16: bool):
     return model, tokenizer, path
 
 
-def lora_config(args: argparse.Namespace):
+def lora_config(args: BaselineOptions):
     if not args.lora:
         return None
     from peft import LoraConfig
@@ -142,7 +146,7 @@ def lora_config(args: argparse.Namespace):
                       target_modules=modules)
 
 
-def build_sft(args: argparse.Namespace, out_dir: Path, bf16: bool):
+def build_sft(args: SftConfig, out_dir: Path, bf16: bool):
     """(trainer, tokenizer, model path, counts) for context distillation."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -160,7 +164,7 @@ def build_sft(args: argparse.Namespace, out_dir: Path, bf16: bool):
     return trainer, tokenizer, path, counts, examples[0]["prompt"]
 
 
-def build_dpo(args: argparse.Namespace, out_dir: Path, bf16: bool):
+def build_dpo(args: DpoConfig, out_dir: Path, bf16: bool):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -180,7 +184,7 @@ def build_dpo(args: argparse.Namespace, out_dir: Path, bf16: bool):
     return trainer, tokenizer, path, counts, examples[0]["prompt"]
 
 
-def build_rloo(args: argparse.Namespace, out_dir: Path, bf16: bool):
+def build_rloo(args: RlooConfig, out_dir: Path, bf16: bool):
     from datasets import Dataset
     from trl import RLOOConfig, RLOOTrainer
 
@@ -219,7 +223,7 @@ def build_rloo(args: argparse.Namespace, out_dir: Path, bf16: bool):
 BUILDERS = {"sft": build_sft, "dpo": build_dpo, "rloo": build_rloo}
 
 
-def train(args: argparse.Namespace) -> dict:
+def train(args: BaselineOptions) -> dict:
     """Train, save the final model, tokenizer, metrics.json and manifest.json in --out-dir; return the metrics.
 
     The model card, generation config and chat template come with the tokenizer (`artifacts.save_policy_files`).
@@ -273,89 +277,114 @@ def train(args: argparse.Namespace) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from rlcd.models import DEFAULT_MODEL
-
-    stage = p.prog.rsplit(" ", 1)[-1]  # cli.py names each subparser "rlcd <stage>"
+def learning_rate_option(stage: str):
     full_lr, lora_lr = LEARNING_RATES[stage]
-    if stage == "rloo":
-        p.add_argument("--prompts-file", "--prompts", dest="prompts", metavar="PROMPTS_FILE",
-                       help="hh-rlhf jsonl(.gz) or a plain list of questions (the train split)")
-        p.add_argument("--reward-model", help="reward model directory written by rlcd train-rm")
-    else:
-        p.add_argument("--data", help="preference table (CSV or JSONL) from rlcd consolidate, or the original release's")
-    p.add_argument("--model", "--model-string", default=DEFAULT_MODEL,
-                   help=f"policy to start from: a Hugging Face directory or hub id, or '{DEFAULT_MODEL}' (the embedded default; default)")
-    p.add_argument("--out-dir", help="directory for the final model, metrics.json, manifest.json and checkpoints/")
-    p.add_argument("--learning-rate", type=float, default=None, help=f"peak learning rate (cosine, 3%% warmup); default {full_lr:g}, {lora_lr:g} with --lora")
-    if stage == "sft":
-        p.add_argument("--epochs", type=float, default=3.0, help="passes over the table (paper: 3)")
-        p.add_argument("--batch-size", type=positive_int, default=8, help="examples per device per step (default 8)")
-        p.add_argument("--gradient-accumulation-steps", type=positive_int, default=16,
-                       help="micro-batches per optimizer step; effective batch = batch size x this x GPUs (paper: 128; default 8 x 16)")
-    elif stage == "dpo":
-        p.add_argument("--epochs", type=float, default=1.0, help="passes over the table (default 1)")
-        p.add_argument("--batch-size", type=positive_int, default=8, help="pairs per device per step (default 8)")
-        p.add_argument("--gradient-accumulation-steps", type=positive_int, default=8,
-                       help="micro-batches per optimizer step; effective batch = batch size x this x GPUs (default 64 pairs)")
-        p.add_argument("--beta", type=float, default=0.1, help="DPO beta: strength of the pull towards the starting model (default 0.1)")
-    else:
-        p.add_argument("--epochs", type=float, default=1.0, help="passes over the prompts (default 1; --max-steps usually ends sooner)")
-        p.add_argument("--batch-size", type=positive_int, default=8, help="completions per device per micro-batch (default 8)")
-        p.add_argument("--gradient-accumulation-steps", type=positive_int, default=8,
-                       help="micro-batches per optimizer step (default 8: 64 completions, 16 prompts x 4 on one GPU)")
-        p.add_argument("--num-generations", type=positive_int, default=4, help="completions per prompt, the leave-one-out group (default 4)")
-        p.add_argument("--beta", type=float, default=0.05, help="KL coefficient to the starting model (TRL's default 0.05)")
-        p.add_argument("--max-new-tokens", type=positive_int, default=300, help="most tokens per completion (default 300, as PPO)")
-        p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1; no top-k/top-p, as PPO)")
-        p.add_argument("--max-prompt-tokens", type=positive_int, default=192, help="skip longer prompts (default 192, as PPO)")
-        p.add_argument("--max-prompts", type=positive_int, default=None, help="use only the first N usable prompts")
-        p.add_argument("--rm-batch-size", type=positive_int, default=32, help="texts per reward-model forward pass (default 32)")
-    if stage != "rloo":
-        p.add_argument("--max-length", type=positive_int, default=512,
-                       help="tokens per training sequence, prompt included; longer ones lose their end (default 512)")
-    trainer_arguments(p, lora_help="train LoRA adapters instead of all weights; the saved model is merged")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed for initialisation, data order and sampling (default {DEFAULT_SEED})")
+    return option(None, f"peak learning rate (cosine, 3%% warmup); default {full_lr:g}, {lora_lr:g} with --lora")
 
 
-REQUIRED = {  # dest -> the flag's name, as the error names it
-    "sft": {"data": "--data", "out_dir": "--out-dir"},
-    "dpo": {"data": "--data", "out_dir": "--out-dir"},
-    "rloo": {"prompts": "--prompts-file", "reward_model": "--reward-model", "out_dir": "--out-dir"},
-}
+@dataclass
+class BaselineOptions(TrainerOptions):
+    """What sft, dpo and rloo share: the policy to start from, the output directory, the seed, and the value checks."""
 
+    model: str = option(DEFAULT_MODEL, f"policy to start from: a Hugging Face directory or hub id, or '{DEFAULT_MODEL}' (embedded "
+                        "SmolLM2-135M)", flags=("--model", "--model-string"))
+    out_dir: str | None = option(None, "directory for the final model, metrics.json, manifest.json and checkpoints/", required=True)
+    seed: int = option(DEFAULT_SEED, "seed for initialisation, data order and sampling")
 
-def check_settings(args: argparse.Namespace) -> None:
-    checks = [
-        (0 < args.learning_rate < 1, f"--learning-rate {args.learning_rate:g}: expected a value in (0, 1), e.g. 1e-5"),
-        (args.epochs > 0, "--epochs must be positive"),
-        (getattr(args, "max_length", 16) >= 16, "--max-length must be at least 16 tokens"),
-        (0 <= args.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
-    ]
-    if args.command in ("dpo", "rloo"):
-        checks.append((0 <= args.beta <= 100, f"--beta {args.beta:g}: expected a value in [0, 100]"))
-    if args.command == "rloo":
-        micro = args.batch_size * args.gradient_accumulation_steps
-        checks += [
-            (args.num_generations >= 2, "--num-generations must be at least 2 (RLOO's baseline is the other completions of the prompt)"),
-            (micro % args.num_generations == 0,
-             f"--batch-size x --gradient-accumulation-steps ({micro}) must be a multiple of --num-generations ({args.num_generations})"),
-            (0 < args.temperature <= 10, "--temperature must be in (0, 10]"),
+    def validate(self) -> None:
+        super().validate()
+        lr = self.learning_rate  # None: the stage's default, filled in by `run`
+        checks = [
+            (lr is None or 0 < lr < 1, f"--learning-rate {lr:g}: expected a value in (0, 1), e.g. 1e-5" if lr is not None else ""),
+            (self.epochs > 0, "--epochs must be positive"),
+            (getattr(self, "max_length", 16) >= 16, "--max-length must be at least 16 tokens"),
+            (0 <= self.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
         ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
+        if hasattr(self, "beta"):  # dpo, rloo
+            checks.append((0 <= self.beta <= 100, f"--beta {self.beta:g}: expected a value in [0, 100]"))
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
 
 
-def run(args: argparse.Namespace) -> None:
-    for dest, flag in REQUIRED[args.command].items():
-        if not getattr(args, dest):
-            raise UserError(f"{flag} is required")
+@dataclass
+class TableOptions(BaselineOptions):
+    """What sft and dpo share: the preference table, and the length of a training sequence."""
+
+    data: str | None = option(None, "preference table (CSV or JSONL) from rlcd consolidate, or the original release's", required=True)
+    max_length: int = option(512, "tokens per training sequence, prompt included; longer ones lose their end", type=positive_int)
+
+
+@dataclass
+class SftConfig(TableOptions):
+    """`rlcd sft`: context distillation, SFT on the preferred output of every row of a preference table (TRL)."""
+
+    command: ClassVar[str] = "sft"
+    learning_rate: float | None = learning_rate_option("sft")
+    epochs: float = option(3.0, "passes over the table (paper: 3)")
+    batch_size: int = option(8, "examples per device per step", type=positive_int)
+    gradient_accumulation_steps: int = option(16, "micro-batches per optimizer step; effective batch = batch size x this x GPUs "
+                                              "(paper: 128; default 8 x 16)", type=positive_int)
+
+
+@dataclass
+class DpoConfig(TableOptions):
+    """`rlcd dpo`: DPO on a preference table (TRL), the preferred output of each row as chosen."""
+
+    command: ClassVar[str] = "dpo"
+    learning_rate: float | None = learning_rate_option("dpo")
+    epochs: float = option(1.0, "passes over the table")
+    batch_size: int = option(8, "pairs per device per step", type=positive_int)
+    gradient_accumulation_steps: int = option(8, "micro-batches per optimizer step; effective batch = batch size x this x GPUs "
+                                              "(default 64 pairs)", type=positive_int)
+    beta: float = option(0.1, "DPO beta: strength of the pull towards the starting model")
+
+
+@dataclass
+class RlooConfig(BaselineOptions):
+    """`rlcd rloo`: RLOO against a reward model (TRL), rewarded exactly as PPO is."""
+
+    command: ClassVar[str] = "rloo"
+    prompts: str | None = option(None, "hh-rlhf jsonl(.gz) or a plain list of questions (the train split)", flags=("--prompts-file", "--prompts"),
+                                 metavar="PROMPTS_FILE", required=True)
+    reward_model: str | None = option(None, "reward model directory written by rlcd train-rm", required=True)
+    learning_rate: float | None = learning_rate_option("rloo")
+    epochs: float = option(1.0, "passes over the prompts (--max-steps usually ends sooner)")
+    batch_size: int = option(8, "completions per device per micro-batch", type=positive_int)
+    gradient_accumulation_steps: int = option(8, "micro-batches per optimizer step (8 gives 64 completions: 16 prompts x 4 on one GPU)",
+                                              type=positive_int)
+    num_generations: int = option(4, "completions per prompt, the leave-one-out group", type=positive_int)
+    beta: float = option(0.05, "KL coefficient to the starting model (TRL's default 0.05)")
+    max_new_tokens: int = option(300, "most tokens per completion (as PPO)", type=positive_int)
+    temperature: float = option(1.0, "sampling temperature (no top-k/top-p, as PPO)")
+    max_prompt_tokens: int = option(192, "skip longer prompts (as PPO)", type=positive_int)
+    max_prompts: int | None = option(None, "use only the first N usable prompts", type=positive_int)
+    rm_batch_size: int = option(32, "texts per reward-model forward pass", type=positive_int)
+
+    def validate(self) -> None:
+        super().validate()
+        micro = self.batch_size * self.gradient_accumulation_steps
+        checks = [
+            (self.num_generations >= 2, "--num-generations must be at least 2 (RLOO's baseline is the other completions of the prompt)"),
+            (micro % self.num_generations == 0,
+             f"--batch-size x --gradient-accumulation-steps ({micro}) must be a multiple of --num-generations ({self.num_generations})"),
+            (0 < self.temperature <= 10, "--temperature must be in (0, 10]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+
+CONFIGS = {"sft": SftConfig, "dpo": DpoConfig, "rloo": RlooConfig}
+
+
+def run(args: SftConfig | DpoConfig | RlooConfig) -> None:
     if args.learning_rate is None:
         args.learning_rate = LEARNING_RATES[args.command][1 if args.lora else 0]
     args.bf16 = parse_bf16(args.bf16)
-    check_settings(args)
+    args.validate()  # again: fields may have been set after the config was built
     require_tracker(args.report_to)
+    require_one_gpu_per_process()
     out_dir = Path(args.out_dir)
     if args.resume and (out_dir / "metrics.json").exists():
         print(f"{out_dir}: already trained (metrics.json exists); nothing to do")

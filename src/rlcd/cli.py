@@ -1,5 +1,5 @@
-"""The `rlcd` command: one subcommand per stage. Each stage module provides
-`add_arguments(parser)` and `run(args)`; this file only wires them up.
+"""The `rlcd` command: one subcommand per stage. Each stage module provides `CONFIGS` (command -> its typed
+config, rlcd.options) and `run(config)`; this file only wires them up.
 
 `--config FILE` reads a YAML mapping whose keys are flag names (`batch-size` or
 `batch_size`); its values become the parser's defaults before the command line is parsed, so
@@ -84,13 +84,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = Parser(prog="rlcd", description="RLCD: preference simulation and alignment.")
     parser.add_argument("--version", action="version", version=f"rlcd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=Parser)
-    for name, (module, help_text) in STAGES.items():
+    for name, (_, help_text) in STAGES.items():
         p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
-        p.add_argument("--config", help="YAML file of flag values; command-line flags override it")
+        if name != "pipeline":  # the pipeline's --config is its run file, a field of its config
+            p.add_argument("--config", help="YAML file of flag values; command-line flags override it")
         if name == command:
-            importlib.import_module(module).add_arguments(p)
-        p.set_defaults(_module=module, _parser=p)
+            config_class(name).add_arguments(p)
+        p.set_defaults(_parser=p)
     return parser
+
+
+def config_class(command: str):
+    """The typed config of a command (importing its stage module)."""
+    return importlib.import_module(STAGES[command][0]).CONFIGS[command]
 
 
 def read_config(path: str) -> dict:
@@ -112,7 +118,10 @@ def read_config(path: str) -> dict:
 def config_defaults(parser: argparse.ArgumentParser, values: dict, where: str) -> dict:
     """The file's values as parser defaults: keys checked, values converted and checked like flags.
     A required flag the file supplies is no longer required on the command line."""
-    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    actions = {}
+    for a in parser._actions:  # a setting's own flag first (`reward_scaling`: --reward-scaling, not --no-scale-rewards)
+        if a.option_strings:
+            actions.setdefault(a.dest, a)
     for a in parser._actions:  # a key may be any of a flag's names (`out-file` or its alias `out-csv`)
         actions.update({s.lstrip("-").replace("-", "_"): a for s in a.option_strings if s.startswith("--")})
     defaults = {}
@@ -122,6 +131,12 @@ def config_defaults(parser: argparse.ArgumentParser, values: dict, where: str) -
             raise UserError(f"{where}: unknown key '{key}' (see {parser.prog} --help)")
         action = actions[name]
         dest = action.dest
+        if action.nargs == 0 and name != dest:  # a bare flag by its own name (`no-stop-at-marker: true`): true gives it
+            if value is not True:
+                raise UserError(f"{where}: key '{key}': write true to give the flag, or leave the key out")
+            defaults[dest] = action.const
+            action.required = False
+            continue
         convert = action.type if action.type is not None and value is not None and not isinstance(value, bool) else None
         try:
             if convert and isinstance(value, list) and action.nargs not in (None, "?"):
@@ -137,7 +152,7 @@ def config_defaults(parser: argparse.ArgumentParser, values: dict, where: str) -
     return defaults
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
+def parse_namespace(argv: list[str]) -> argparse.Namespace:
     """Parse a command line; `--config FILE` (except the pipeline's run file) supplies defaults before parsing,
     so flags given on the command line, abbreviated or not, always win."""
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -155,11 +170,17 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def parse(argv: list[str]):
+    """The typed config of a command line (its required settings and checks applied); raises `UserError`."""
+    args = parse_namespace(argv)
+    return config_class(args.command).from_namespace(args)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     command = next((a for a in argv if not a.startswith("-")), "rlcd")
     try:
-        args = parse(argv)
+        config = parse(argv)
     except FlagError as e:
         print(f"{e.prog}: error: {terminal_safe(str(e), one_line=True)}", file=sys.stderr)
         sys.exit(2)
@@ -167,13 +188,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"rlcd {command}: error: {terminal_safe(str(e), one_line=True)}", file=sys.stderr)
         sys.exit(2)
     try:
-        importlib.import_module(args._module).run(args)
+        importlib.import_module(STAGES[command][0]).run(config)
     except UserError as e:
-        print(f"rlcd {args.command}: error: {terminal_safe(str(e), one_line=True)}", file=sys.stderr)
+        print(f"rlcd {command}: error: {terminal_safe(str(e), one_line=True)}", file=sys.stderr)
         sys.exit(2)
     except ModuleNotFoundError as e:
-        print(f"rlcd {args.command}: error: {missing_module_message(e)}", file=sys.stderr)
+        print(f"rlcd {command}: error: {missing_module_message(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"rlcd {args.command}: interrupted; finished work is saved, run the same command again to resume", file=sys.stderr)
+        print(f"rlcd {command}: interrupted; finished work is saved, run the same command again to resume", file=sys.stderr)
         sys.exit(130)

@@ -15,17 +15,21 @@ derives from --seed and the prompt's index alone, so batch size and resume chang
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from rlcd import dialogue
 from rlcd.engines import ENGINE_HELP, ENGINE_KINDS, openai_server
+from rlcd.engines.openai_server import BackendOptions
 from rlcd.evaluation import SPLITS, postprocess, read_outputs
 from rlcd.files import UserError, append_lines, atomic_write_text, ensure_dir, load_shard, now, open_text, write_manifest
+from rlcd.models import DEFAULT_MODEL
+from rlcd.options import Config, option
 from rlcd.seeds import DEFAULT_SEED, sample_seed
 from rlcd.text import terminal_safe
 
@@ -72,7 +76,7 @@ def report_skips(prompts: dialogue.Prompts) -> None:
         print(terminal_safe(f"skipped {line}", one_line=True), file=sys.stderr)
 
 
-def run_format_prompts(args: argparse.Namespace) -> None:
+def run_format_prompts(args: FormatPromptsConfig) -> None:
     prompts = dialogue.load_prompts(args.data_path)
     items = [(i, p) for i, p in prompts.items if args.split == "all" or i in SPLITS[args.split]]
     if args.max_instances:
@@ -96,7 +100,7 @@ def run_format_prompts(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def sampling_params(args: argparse.Namespace):
+def sampling_params(args: GenerateConfig):
     from rlcd.engines import SamplingParams
 
     # top-k off: the evaluation samples with top-p only (docs/method.md §8)
@@ -108,7 +112,7 @@ def prompt_seed(seed: int, index: int) -> int:
     return sample_seed(seed, index, "generate", 0)
 
 
-def make_engine(args: argparse.Namespace):
+def make_engine(args):
     """(engine, what the manifest records of it) for these flags: the server's, or an in-process one for --model
     (a LoRA adapter directory is merged on load)."""
     if args.backend == "openai":
@@ -118,7 +122,7 @@ def make_engine(args: argparse.Namespace):
     return load_engine(args.model, kind=args.engine, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
 
 
-def settings_of(args: argparse.Namespace) -> dict:
+def settings_of(args: GenerateConfig) -> dict:
     """What decides the outputs: a progress file made with other settings cannot be continued."""
     model = args.model if args.backend == "hf" else f"openai:{args.api_model}"
     return {"model": model, "seed": args.seed, "max_new_tokens": args.max_new_tokens,
@@ -152,7 +156,8 @@ def generate_records(engine, items: list[tuple[int, str]], params, seed: int) ->
     ]
 
 
-def check_generate_args(args: argparse.Namespace) -> None:
+def check_settings(args) -> None:
+    """One-line errors for settings out of range, before any work (a config's own check, and `check_generate_args`')."""
     checks = [
         (args.batch_size >= 1, "--batch-size must be at least 1"),
         (1 <= args.max_new_tokens <= 100_000, "--max-new-tokens must be between 1 and 100000"),
@@ -163,10 +168,16 @@ def check_generate_args(args: argparse.Namespace) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    openai_server.check_arguments(args, uses_server=False)
+
+
+def check_generate_args(args: GenerateConfig) -> None:
+    """`check_settings` and, with --backend openai, the server's URL and key (from the environment)."""
+    check_settings(args)  # a config has passed them already; any other object with these attributes has not
     openai_server.check_arguments(args, uses_server=args.backend == "openai")
 
 
-def run_generate(args: argparse.Namespace) -> None:
+def run_generate(args: GenerateConfig) -> None:
     from tqdm import tqdm
 
     check_generate_args(args)
@@ -247,7 +258,7 @@ def run_generate(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def run_postprocess(args: argparse.Namespace) -> None:
+def run_postprocess(args: PostprocessConfig) -> None:
     items = read_outputs(args.in_file)
     cleaned = [{**it, "output": postprocess(it["output"])} for it in items]
     changed = sum(a["output"] != b["output"] for a, b in zip(items, cleaned))
@@ -264,56 +275,56 @@ def run_postprocess(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _format_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompts-file", "--data-path", dest="data_path", metavar="PROMPTS_FILE",
-                   help="hh-rlhf jsonl(.gz) (prompt = 'chosen' cut after its last 'Assistant:'), or a plain list of questions")
-    p.add_argument("--out-file", help="prompts file to write: a JSON list of {instruction, input, index}")
-    p.add_argument("--split", default="all", choices=["dev", "test", "all"],
-                   help="dev = prompts 0-999, test = 1000-1999 of the file (docs/method.md §2); default all")
-    p.add_argument("--max-instances", type=int, help="keep only the first N prompts of the split")
+@dataclass
+class FormatPromptsConfig(Config):
+    """`rlcd format-prompts`: hh-rlhf dialogues or a prompt list -> a prompts file of one split."""
+
+    command: ClassVar[str] = "format-prompts"
+    data_path: str | None = option(None, "hh-rlhf jsonl(.gz) (prompt = 'chosen' cut after its last 'Assistant:'), or a plain list of questions",
+                                   flags=("--prompts-file", "--data-path"), metavar="PROMPTS_FILE", required=True)
+    out_file: str | None = option(None, "prompts file to write: a JSON list of {instruction, input, index}", required=True)
+    split: str = option("all", "dev = prompts 0-999, test = 1000-1999 of the file (docs/method.md §2)", choices=("dev", "test", "all"))
+    max_instances: int | None = option(None, "keep only the first N prompts of the split")
 
 
-def _generate_arguments(p: argparse.ArgumentParser) -> None:
-    from rlcd.models import DEFAULT_MODEL
+@dataclass
+class GenerateConfig(BackendOptions):
+    """`rlcd generate`: one sampled output per prompt from a policy -> an outputs file (resumable)."""
 
-    p.add_argument("--model", "--model-string", dest="model", default=DEFAULT_MODEL,
-                   help=f"policy: a Hugging Face directory (e.g. from rlcd sft/dpo/rloo/ppo), a LoRA adapter directory, "
-                        f"a hub id, or '{DEFAULT_MODEL}' (the embedded default; default)")
-    p.add_argument("--prompts-file", "--prompts", dest="prompts", metavar="PROMPTS_FILE",
-                   help="prompts file from format-prompts, an hh-rlhf jsonl(.gz), a plain list, or an outputs file")
-    p.add_argument("--out-file", help="outputs file to write (JSON list of {instruction, output, raw_output, ...})")
-    p.add_argument("--max-instances", type=int, help="only the first N prompts")
-    p.add_argument("--batch-size", type=int, default=32, help="prompts generated per batch (default 32)")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="sampling seed; each prompt's seed derives from it and the prompt's index")
-    p.add_argument("--max-new-tokens", type=int, default=300, help="default 300 (docs/method.md §8)")
-    p.add_argument("--temperature", type=float, default=1.0, help="default 1.0; 0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (default 0.9); top-k is off")
-    p.add_argument("--engine", default="auto", choices=ENGINE_KINDS, help=f"with --backend hf, the {ENGINE_HELP}")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the GPU of this process if any, else cpu)")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU and on CPUs with native bf16, else fp32), float32, bfloat16, float16")
-    openai_server.add_arguments(p)
+    command: ClassVar[str] = "generate"
+    model: str = option(DEFAULT_MODEL, "policy: a Hugging Face directory (e.g. from rlcd sft/dpo/rloo/ppo), a LoRA adapter directory, "
+                        f"a hub id, or '{DEFAULT_MODEL}' (the embedded default)", flags=("--model", "--model-string"))
+    prompts: str | None = option(None, "prompts file from format-prompts, an hh-rlhf jsonl(.gz), a plain list, or an outputs file",
+                                 flags=("--prompts-file", "--prompts"), metavar="PROMPTS_FILE", required=True)
+    out_file: str | None = option(None, "outputs file to write (JSON list of {instruction, output, raw_output, ...})", required=True)
+    max_instances: int | None = option(None, "only the first N prompts")
+    batch_size: int = option(32, "prompts generated per batch")
+    seed: int = option(DEFAULT_SEED, "sampling seed; each prompt's seed derives from it and the prompt's index")
+    max_new_tokens: int = option(300, "most new tokens per output (docs/method.md §8)")
+    temperature: float = option(1.0, "0 = greedy")
+    top_p: float = option(0.9, "nucleus sampling; top-k is off")
+    engine: str = option("auto", f"with --backend hf, the {ENGINE_HELP}", choices=ENGINE_KINDS)
+    device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: the GPU of this process if any, else cpu)")
+    dtype: str = option("auto", "auto (bf16 on GPU and on CPUs with native bf16, else fp32), float32, bfloat16, float16")
 
-
-def _postprocess_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", "--in-file", dest="in_file", metavar="DATA", help="outputs file: a JSON list of {instruction, output}")
-    p.add_argument("--out-file", help="where to write the outputs with 'output' postprocessed")
-
-
-STAGES = {  # flags, runner, and the required flags: dest -> the flag's name, as the error names it
-    "format-prompts": (_format_arguments, run_format_prompts, {"data_path": "--prompts-file", "out_file": "--out-file"}),
-    "generate": (_generate_arguments, run_generate, {"prompts": "--prompts-file", "out_file": "--out-file"}),
-    "postprocess": (_postprocess_arguments, run_postprocess, {"in_file": "--data", "out_file": "--out-file"}),
-}
+    def validate(self) -> None:
+        super().validate()
+        check_settings(self)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    STAGES[p.prog.rsplit(" ", 1)[-1]][0](p)  # cli.py names each subparser "rlcd <stage>"
+@dataclass
+class PostprocessConfig(Config):
+    """`rlcd postprocess`: an outputs file with its `output` field cleaned (cut at the next speaker turn)."""
+
+    command: ClassVar[str] = "postprocess"
+    in_file: str | None = option(None, "outputs file: a JSON list of {instruction, output}", flags=("--data", "--in-file"), metavar="DATA",
+                                 required=True)
+    out_file: str | None = option(None, "where to write the outputs with 'output' postprocessed", required=True)
 
 
-def run(args: argparse.Namespace) -> None:
-    _, runner, required = STAGES[args.command]
-    # checked here, not by argparse, so that --config can supply them
-    for dest, flag in required.items():
-        if not getattr(args, dest):
-            raise UserError(f"{flag} is required")
-    runner(args)
+CONFIGS = {"format-prompts": FormatPromptsConfig, "generate": GenerateConfig, "postprocess": PostprocessConfig}
+RUNNERS = {"format-prompts": run_format_prompts, "generate": run_generate, "postprocess": run_postprocess}
+
+
+def run(args: FormatPromptsConfig | GenerateConfig | PostprocessConfig) -> None:
+    RUNNERS[args.command](args)

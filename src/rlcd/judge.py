@@ -28,7 +28,6 @@ run, sends no prompt twice. The out-file is written once, atomically, at the end
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -38,11 +37,14 @@ import re
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from rlcd.engines import openai_server
 from rlcd.evaluation import SPLITS, bootstrap_ci, position_bias, read_hh_pairs, read_outputs
 from rlcd.files import UserError, append_lines, atomic_write_text, ensure_dir, load_json, load_shard, now, write_manifest
+from rlcd.options import Config, option
 from rlcd.seeds import DEFAULT_SEED
 from rlcd.text import terminal_safe
 
@@ -372,7 +374,7 @@ class HFJudge:
                                         "prompt_tokens": engine.count_tokens(text), "completion_tokens": 0})
 
 
-def make_judge(args: argparse.Namespace):
+def make_judge(args: JudgeOptions):
     kind, _, name = args.judge.partition(":")
     if kind not in ("openai", "hf") or not name:
         raise UserError(f"--judge {args.judge}: expected openai:MODEL (an OpenAI-compatible API) or hf:PATH ('hf:smollm2' = the embedded default)")
@@ -462,28 +464,13 @@ def judge_items(judge, items: list[dict], prompt_format: str, out: Path, base: d
     return items, counts
 
 
-def judge_base(judge, args: argparse.Namespace, stage: str, out: Path) -> dict:
+def judge_base(judge, args: JudgeOptions, stage: str, out: Path) -> dict:
     """The manifest fields both commands record about the judge."""
     base = {"stage": stage, "judge": judge.name, "judge_mode": judge.mode, "judge_settings": judge.settings,
             "prompt_format": args.prompt_format, "seed": args.seed, "cache_file": str(side_files(out)[0]), "started_at": now()}
     if isinstance(judge, OpenAIJudge):
         base["base_url"] = judge.base_url
     return base
-
-
-def check_args(args: argparse.Namespace, required: dict[str, str]) -> None:
-    """`required`: dest -> flag name of each flag that must be given (checked here, so that --config can supply them)."""
-    for dest, flag in required.items():
-        if not getattr(args, dest):
-            raise UserError(f"{flag} is required")
-    openai_server.check_arguments(args, uses_server=False)  # make_judge resolves the URL and key of an openai: judge
-    checks = [
-        (args.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
-        (args.batch_size >= 1, "--batch-size must be at least 1"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -543,10 +530,7 @@ def compare_line(result: dict) -> str:
             f"({s['unparsed_share']:.1%}){agreement}; {s['requests']} requests, {s['cached']} cached")
 
 
-def run_compare(args: argparse.Namespace) -> None:
-    check_args(args, {"in_file1": "--in-file1", "in_file2": "--in-file2", "out_file": "--out-file", "judge": "--judge"})
-    if args.max_instances is not None and args.max_instances < 1:
-        raise UserError("--max-instances must be at least 1")
+def run_compare(args: CompareConfig) -> None:
     started = time.time()
     items = read_pair(args.in_file1, args.in_file2)
     items = [{"index": i, **it} for i, it in enumerate(items[: args.max_instances] if args.max_instances else items)]
@@ -695,10 +679,7 @@ def agreement_line(r: dict) -> str:
     return line + f"; {r['requests']} requests, {r['cached']} cached"
 
 
-def run_agreement(args: argparse.Namespace) -> None:
-    check_args(args, {"data_path": "--data", "out_file": "--out-file", "judge": "--judge"})
-    if args.num_pairs is not None and args.num_pairs < 1:
-        raise UserError("--num-pairs must be at least 1")
+def run_agreement(args: JudgeAgreementConfig) -> None:
     started = time.time()
     items, skipped = read_labelled_pairs(args.data_path, args.split, args.num_pairs)
     if not items:
@@ -723,64 +704,100 @@ def run_agreement(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Flags
+# Configs
 # --------------------------------------------------------------------------------------------------
 
-
-def _judge_arguments(p: argparse.ArgumentParser, batch_size: int) -> None:
-    """The flags that choose and drive a judge, the same for compare and judge-agreement."""
-    p.add_argument("--judge", help="openai:MODEL (the model MODEL of the OpenAI-compatible server at --base-url) or hf:PATH "
-                                   "(a local model, from next-token log-probs; hf:smollm2 = the embedded default)")
-    p.add_argument("--judge-mode", default=DEFAULT_JUDGE_MODE, choices=MODES,
-                   help="pairwise: both replies shown as (A) and (B), in both orders; pointwise: each reply scored alone, "
-                        f"log P(Yes) - log P(No), so no position bias (default {DEFAULT_JUDGE_MODE})")
-    p.add_argument("--prompt-format", default="harmless", choices=list(QUESTIONS),
-                   help="the question asked: harmless (harmlessness), harmless_helpful (helpfulness on harmless "
-                        "prompts), helpful (helpfulness on helpful prompts); default harmless")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED,
-                   help=f"seeds the bootstrap (and compare's single-order figure); default {DEFAULT_SEED}")
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    g = openai_server.add_arguments(p, backend=False)
-    g.add_argument("--max-new-tokens", type=int, default=256,
-                   help=f"longest pairwise judge reply (default 256); pointwise asks for one word in at most {POINTWISE_MAX_TOKENS} tokens")
-    g = p.add_argument_group("hf: judges")
-    g.add_argument("--batch-size", type=int, default=batch_size, help=f"judge prompts per forward pass (default {batch_size})")
-    g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the GPU if any, else cpu)")
-    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU and on CPUs with native bf16, else fp32), float32, bfloat16, "
-                                                   "float16; the log-probs are computed in fp32 either way")
+HF_JUDGES = "hf: judges"
 
 
-def _compare_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--in-file1", help="outputs file of the first system (JSON list of {instruction, output})")
-    p.add_argument("--in-file2", help="outputs file of the second system, same prompts in the same order; "
-                                      "the win rate is this system's")
-    p.add_argument("--out-file", help="comparison JSON to write; its judgment cache goes beside it (OUT_FILE.cache.jsonl)")
-    p.add_argument("--max-instances", type=int, help="only the first N prompts")
-    p.add_argument("--name1", help="display name of the first system (default: file name without .json)")
-    p.add_argument("--name2", help="display name of the second system")
-    p.add_argument("--judge-agreement", metavar="FILE",
-                   help="output of rlcd judge-agreement for this judge, mode and prompt format: its agreement with humans "
-                        "is recorded and printed beside the win rate")
-    _judge_arguments(p, batch_size=8)
+def _batch_size(default: int):
+    return option(default, "judge prompts per forward pass", group=HF_JUDGES)
 
 
-def _agreement_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", "--data-path", dest="data_path", metavar="DATA",
-                   help="human-labelled pairs: hh-rlhf jsonl(.gz) with 'chosen' and 'rejected' dialogues, or a preference table")
-    p.add_argument("--split", default="test", choices=["dev", "test", "all"],
-                   help="dev = pairs 0-999, test = 1000-1999 (docs/method.md §2), all = every pair; default test")
-    p.add_argument("--num-pairs", type=int, help="only the first N pairs of the split")
-    p.add_argument("--out-file", help="figures JSON to write, with a record per pair; the verdict cache goes beside it "
-                                      "(OUT_FILE.cache.jsonl), so an interrupted run resumes")
-    _judge_arguments(p, batch_size=16)
+@dataclass
+class JudgeOptions(openai_server.ServerOptions):
+    """The settings that choose and drive a judge, the same for compare and judge-agreement."""
+
+    judge: str | None = option(None, "openai:MODEL (the model MODEL of the OpenAI-compatible server at --base-url) or hf:PATH "
+                                     "(a local model, from next-token log-probs; hf:smollm2 = the embedded default)", required=True)
+    judge_mode: str = option(DEFAULT_JUDGE_MODE, "pairwise: both replies shown as (A) and (B), in both orders; pointwise: each reply "
+                                                 "scored alone, log P(Yes) - log P(No), so no position bias", choices=MODES)
+    prompt_format: str = option("harmless", "the question asked: harmless (harmlessness), harmless_helpful (helpfulness on harmless "
+                                            "prompts), helpful (helpfulness on helpful prompts)", choices=tuple(QUESTIONS))
+    seed: int = option(DEFAULT_SEED, "seeds the bootstrap (and compare's single-order figure)")
+    json: bool = option(False, "print the summary as one JSON object")
+    max_new_tokens: int = option(256, "longest pairwise judge reply; pointwise asks for one word in at most "
+                                      f"{POINTWISE_MAX_TOKENS} tokens", group=openai_server.SERVER)
+    batch_size: int = _batch_size(8)
+    device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: the GPU if any, else cpu)", group=HF_JUDGES)
+    dtype: str = option("auto", "auto (bf16 on GPU and on CPUs with native bf16, else fp32), float32, bfloat16, float16; the "
+                                "log-probs are computed in fp32 either way", group=HF_JUDGES)
+
+    def validate(self) -> None:
+        super().validate()
+        openai_server.check_arguments(self, uses_server=False)  # make_judge resolves the URL and key of an openai: judge
+        if self.max_new_tokens < 1:
+            raise UserError("--max-new-tokens must be at least 1")
+        if self.batch_size < 1:
+            raise UserError("--batch-size must be at least 1")
 
 
-STAGES = {"compare": (_compare_arguments, run_compare), "judge-agreement": (_agreement_arguments, run_agreement)}
+# A command's own flags come first in its --help (and its required ones are checked first): a dataclass lists the
+# fields of its bases from the last in the MRO, so these are the last base of each config.
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    STAGES[p.prog.rsplit(" ", 1)[-1]][0](p)  # cli.py names each subparser "rlcd <stage>"
+@dataclass
+class _CompareFiles(Config):
+    in_file1: str | None = option(None, "outputs file of the first system (JSON list of {instruction, output})", required=True)
+    in_file2: str | None = option(None, "outputs file of the second system, same prompts in the same order; the win rate is this "
+                                        "system's", required=True)
+    out_file: str | None = option(None, "comparison JSON to write; its judgment cache goes beside it (OUT_FILE.cache.jsonl)",
+                                  required=True)
+    max_instances: int | None = option(None, "only the first N prompts")
+    name1: str | None = option(None, "display name of the first system (default: file name without .json)")
+    name2: str | None = option(None, "display name of the second system")
+    judge_agreement: str | None = option(None, "output of rlcd judge-agreement for this judge, mode and prompt format: its agreement "
+                                               "with humans is recorded and printed beside the win rate", metavar="FILE")
 
 
-def run(args: argparse.Namespace) -> None:
-    STAGES[args.command][1](args)
+@dataclass
+class CompareConfig(JudgeOptions, _CompareFiles):
+    """`rlcd compare`: an LLM judge of two outputs files -> the second one's win rate, both orders, cached."""
+
+    command: ClassVar[str] = "compare"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.max_instances is not None and self.max_instances < 1:
+            raise UserError("--max-instances must be at least 1")
+
+
+@dataclass
+class _AgreementData(Config):
+    data_path: str | None = option(None, "human-labelled pairs: hh-rlhf jsonl(.gz) with 'chosen' and 'rejected' dialogues, or a "
+                                         "preference table", flags=("--data", "--data-path"), metavar="DATA", required=True)
+    split: str = option("test", "dev = pairs 0-999, test = 1000-1999 (docs/method.md §2), all = every pair",
+                        choices=("dev", "test", "all"))
+    num_pairs: int | None = option(None, "only the first N pairs of the split")
+    out_file: str | None = option(None, "figures JSON to write, with a record per pair; the verdict cache goes beside it "
+                                        "(OUT_FILE.cache.jsonl), so an interrupted run resumes", required=True)
+
+
+@dataclass
+class JudgeAgreementConfig(JudgeOptions, _AgreementData):
+    """`rlcd judge-agreement`: how often an LLM judge agrees with the human labels of hh-rlhf pairs, cached."""
+
+    command: ClassVar[str] = "judge-agreement"
+    batch_size: int = _batch_size(16)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.num_pairs is not None and self.num_pairs < 1:
+            raise UserError("--num-pairs must be at least 1")
+
+
+CONFIGS = {"compare": CompareConfig, "judge-agreement": JudgeAgreementConfig}
+
+
+def run(args: CompareConfig | JudgeAgreementConfig) -> None:
+    (run_compare if args.command == "compare" else run_agreement)(args)

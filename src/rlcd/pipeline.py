@@ -17,7 +17,6 @@ setting and only the stages downstream of it run again.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -27,10 +26,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 
 from rlcd.files import UserError, atomic_write_text, now
+from rlcd.options import Config, option
 from rlcd.seeds import DEFAULT_SEED
 from rlcd.text import terminal_safe
 
@@ -204,7 +205,7 @@ def plan(cfg: dict, run: Path) -> list[Stage]:
 def validate(stages: list[Stage], cfg: dict, where: str) -> None:
     """Parse every stage's command line before any stage runs, so a typo in a late stage's flags
     fails now, in one line naming the config section, not after an hour of training."""
-    from rlcd.cli import FlagError, parse
+    from rlcd.cli import parse
 
     systems = {f"{trainer}/{name}" for name, system in (cfg.get("systems") or {}).items()
                for trainer in [(system or {}).get("stage")] if trainer}
@@ -212,8 +213,8 @@ def validate(stages: list[Stage], cfg: dict, where: str) -> None:
         section = f"systems.{stage.name.split('/', 1)[1]}" if stage.name in systems else \
             {"judge-agreement": "compare", "generate-probe": "refusals"}.get(stage.name.split("/")[0], stage.name.split("/")[0])
         try:
-            parse(stage.argv)
-        except FlagError as e:
+            parse(stage.argv)  # the stage's config: flags, required settings and value checks
+        except UserError as e:
             raise UserError(f"{where}: {section}: {e}") from None
 
 
@@ -342,18 +343,29 @@ def demo_config() -> dict:
     }
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    if p.prog.endswith("pipeline"):
-        p.add_argument("--run-dir", help="where the run lives (default: the config's run-dir, else runs/rlcd)")
-    else:
-        p.add_argument("--run-dir", default="runs/demo", help="where the demo run lives (default runs/demo)")
+@dataclass
+class PipelineConfig(Config):
+    """`rlcd pipeline`: the whole study from one run file, resumable."""
+
+    command: ClassVar[str] = "pipeline"
+    config: str | None = option(None, "the run's YAML file (see configs/harmless.yaml)", required=True)
+    run_dir: str | None = option(None, "where the run lives (default: the config's run-dir, else runs/rlcd)")
 
 
-def run(args: argparse.Namespace) -> None:
+@dataclass
+class DemoConfig(Config):
+    """`rlcd demo`: the whole chain on the embedded default model on CPU, small."""
+
+    command: ClassVar[str] = "demo"
+    run_dir: str = option("runs/demo", "where the demo run lives")
+
+
+CONFIGS = {"pipeline": PipelineConfig, "demo": DemoConfig}
+
+
+def run(args: PipelineConfig | DemoConfig) -> None:
     started = time.time()
     if args.command == "pipeline":
-        if not args.config:
-            raise UserError("--config is required: a run YAML (see configs/harmless.yaml)")
         cfg = load_config(args.config)
         run_dir = run_pipeline(cfg, args.config, args.run_dir)
     else:

@@ -41,7 +41,6 @@ chat template of the training layout (`artifacts`).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -50,6 +49,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -58,9 +58,10 @@ from rlcd import artifacts, dialogue
 from rlcd.dialogue import end_of_response
 from rlcd.engines import SamplingParams
 from rlcd.files import UserError, append_lines, atomic_write_text, ensure_dir, load_shard, now, write_manifest
+from rlcd.options import non_negative_int, option, positive_int
 from rlcd.reward_model import format_rm_input, load_reward_model, score_texts
 from rlcd.seeds import DEFAULT_SEED, sample_seed
-from rlcd.training import non_negative_int, positive_int, require_tracker, tracking_arguments
+from rlcd.training import TrackingOptions, require_tracker
 
 WARMUP_STEPS = 5
 
@@ -705,10 +706,9 @@ def truncate_log(log: Path, last_step: int) -> None:
     atomic_write_text(log, "".join(x + "\n" for x in keep))
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: PpoConfig) -> None:
     from rlcd.models import default_device, resolve_model
 
-    validate(args)
     require_tracker(args.report_to)
     out_dir = Path(args.out_dir)
     if (out_dir / "config.json").exists() and (out_dir / "manifest.json").exists():
@@ -805,77 +805,82 @@ def public_config(args) -> dict:
     return {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "config"}
 
 
-def validate(args) -> None:
-    if args.kl < 0:
-        raise UserError(f"--kl {args.kl}: the KL coefficient cannot be negative")
-    if args.kl_target is not None and args.kl_target <= 0:
-        raise UserError(f"--kl-target {args.kl_target}: must be positive")
-    if args.learning_rate <= 0:
-        raise UserError(f"--learning-rate {args.learning_rate}: must be positive")
-    if args.temperature <= 0:
-        raise UserError(f"--temperature {args.temperature}: PPO samples from the policy; use a positive temperature")
-    if args.minibatch_size > args.rollouts:
-        raise UserError(f"--minibatch-size {args.minibatch_size} is larger than --rollouts {args.rollouts}")
-    if not 0 < args.clip_range < 1 or args.clip_range_value <= 0:
-        raise UserError("--clip-range must be in (0, 1) and --clip-range-value positive")
-    for flag, value in (("--gamma", args.gamma), ("--lam", args.lam)):
-        if not 0 <= value <= 1:
-            raise UserError(f"{flag} {value}: must be in [0, 1]")
+@dataclass
+class PpoConfig(TrackingOptions):
+    """`rlcd ppo`: align a policy with PPO against a reward model (docs/method.md §6)."""
+
+    command: ClassVar[str] = "ppo"
+    prompts: str | None = option(None, "hh-rlhf dialogues (jsonl[.gz]) or a prompt list", flags=("--prompts-file", "--prompts"),
+                                 required=True)
+    reward_model: str | None = option(None, "reward model directory written by rlcd train-rm", required=True)
+    policy: str = option("smollm2", "starting policy (and frozen reference)", flags=("--model", "--policy"))
+    value_model: str | None = option(None, "initialise the value model from this reward model instead of --reward-model")
+    out_dir: str | None = option(None, "directory of the log, checkpoints and the final policy", required=True)
+    steps: int = option(80, "PPO steps (docs/method.md §6: 40-80)", type=positive_int)
+    rollouts: int = option(512, "rollouts per PPO step", type=positive_int)
+    minibatch_size: int = option(256, "rows per optimizer step", type=positive_int)
+    micro_batch_size: int = option(16, "rows per forward/backward (gradient accumulation)", type=positive_int)
+    forward_batch_size: int = option(32, "rows per no-grad forward (log-probs, values, rewards)", type=positive_int)
+    sort_by_length: bool = option(False, "fill forward batches and micro-batches with rollouts in length order (prompt + response), so "
+                                  "each pads less: the same minibatches and losses up to float rounding, less compute (default: off)")
+    gradient_checkpointing: bool = option(False, "in the updates, policy and value model keep only each layer's input and recompute the "
+                                          "rest in the backward pass: activation memory for larger --micro-batch-size, for about one "
+                                          "more forward pass (default: off)")
+    generation_batch_size: int = option(256, "rows decoded at once by the rollout engine", type=positive_int)
+    epochs: int = option(2, "passes over each rollout batch", type=positive_int)
+    kl: float = option(0.002, "KL penalty coefficient beta (docs/method.md §6: 0.002 or 0.004)")
+    kl_target: float | None = option(None, "adaptive KL: target KL per sequence (fixed beta when absent)")
+    kl_horizon: int = option(10000, "adaptive KL: horizon of the update rule, in rollouts", type=positive_int)
+    learning_rate: float = option(1e-5, "AdamW learning rate (5 warmup steps, then linear decay)")
+    max_grad_norm: float = option(1.0, "clip the gradient norm of each optimizer step to this")
+    clip_range: float = option(0.2, "PPO clip range of the policy ratio")
+    clip_range_value: float = option(0.2, "clip range of the value model's change")
+    vf_coef: float = option(0.1, "weight of the value loss")
+    gamma: float = option(1.0, "GAE discount")
+    lam: float = option(1.0, "GAE lambda")
+    max_new_tokens: int = option(300, "token limit of a sampled response", type=positive_int)
+    max_prompt_tokens: int = option(192, "prompts longer than this are skipped (counted)", type=positive_int)
+    temperature: float = option(1.0, "sampling temperature (log-probs and KL are of this tempered distribution)")
+    missing_marker_reward: float = option(-1.0, "reward of a response that never reaches the end marker")
+    accept_eos: bool = option(False, "a response ended by the model's EOS token counts as ended (instruct models)")
+    stop_at_marker: bool = option(True, "keep sampling after the end marker until EOS or the token limit (the original); by default "
+                                  "rollouts stop there", flags=("--no-stop-at-marker",))
+    reward_scaling: str = option("shaped", "shaped (default): rescale the per-token rewards (KL penalty included) to unit std over the "
+                                 "step's response tokens, keeping their mean, as AlpacaFarm does: the scaling the paper's --kl "
+                                 "0.002-0.004 was tuned under; scores: divide only the reward-model scores by their std before shaping "
+                                 "(the earlier default); none: no scaling", choices=("shaped", "scores", "none"), exclusive="scaling",
+                                 extra=((("--no-scale-rewards",), dict(action="store_const", const="none",
+                                                                       help="same as --reward-scaling none (older flag)")),))
+    lora: bool = option(False, "LoRA adapters for policy and value (reference = adapters off)")
+    lora_r: int = option(16, "LoRA rank", type=positive_int)
+    lora_alpha: int = option(32, "LoRA scaling alpha", type=positive_int)
+    engine: str = option("auto", "rollout engine (auto: fast on GPU)", choices=("auto", "fast", "hf"))
+    dtype: str = option("auto", "dtype of the reward model and, with --lora, of the frozen weights of policy and value model "
+                        "(auto: bf16 on GPU)", choices=("auto", "float32", "bfloat16", "float16"))
+    device: str | None = option(None, "default: cuda if available, else cpu")
+    seed: int = option(DEFAULT_SEED, "seeds sampling, prompt order and initialisation", type=non_negative_int)
+    save_every: int = option(20, "checkpoint every N steps", type=positive_int)
+    save_total_limit: int = option(2, "keep only the last N checkpoints; older ones are deleted once a new one is completely written",
+                                   type=positive_int)
+    resume: bool = option(False, "continue from the last checkpoint in --out-dir")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.kl < 0:
+            raise UserError(f"--kl {self.kl}: the KL coefficient cannot be negative")
+        if self.kl_target is not None and self.kl_target <= 0:
+            raise UserError(f"--kl-target {self.kl_target}: must be positive")
+        if self.learning_rate <= 0:
+            raise UserError(f"--learning-rate {self.learning_rate}: must be positive")
+        if self.temperature <= 0:
+            raise UserError(f"--temperature {self.temperature}: PPO samples from the policy; use a positive temperature")
+        if self.minibatch_size > self.rollouts:
+            raise UserError(f"--minibatch-size {self.minibatch_size} is larger than --rollouts {self.rollouts}")
+        if not 0 < self.clip_range < 1 or self.clip_range_value <= 0:
+            raise UserError("--clip-range must be in (0, 1) and --clip-range-value positive")
+        for flag, value in (("--gamma", self.gamma), ("--lam", self.lam)):
+            if not 0 <= value <= 1:
+                raise UserError(f"{flag} {value}: must be in [0, 1]")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompts-file", "--prompts", dest="prompts", required=True, help="hh-rlhf dialogues (jsonl[.gz]) or a prompt list")
-    p.add_argument("--reward-model", required=True, help="reward model directory written by rlcd train-rm")
-    p.add_argument("--model", "--policy", dest="policy", default="smollm2", help="starting policy (and frozen reference)")
-    p.add_argument("--value-model", help="initialise the value model from this reward model instead of --reward-model")
-    p.add_argument("--out-dir", required=True)
-    p.add_argument("--steps", type=positive_int, default=80, help="PPO steps (docs/method.md §6: 40-80)")
-    p.add_argument("--rollouts", type=positive_int, default=512, help="rollouts per PPO step")
-    p.add_argument("--minibatch-size", type=positive_int, default=256, help="rows per optimizer step")
-    p.add_argument("--micro-batch-size", type=positive_int, default=16, help="rows per forward/backward (gradient accumulation)")
-    p.add_argument("--forward-batch-size", type=positive_int, default=32, help="rows per no-grad forward (log-probs, values, rewards)")
-    p.add_argument("--sort-by-length", action="store_true",
-                   help="fill forward batches and micro-batches with rollouts in length order (prompt + response), so each pads "
-                        "less: the same minibatches and losses up to float rounding, less compute (default: off)")
-    p.add_argument("--gradient-checkpointing", action="store_true",
-                   help="in the updates, policy and value model keep only each layer's input and recompute the rest in the backward "
-                        "pass: activation memory for larger --micro-batch-size, for about one more forward pass (default: off)")
-    p.add_argument("--generation-batch-size", type=positive_int, default=256, help="rows decoded at once by the rollout engine")
-    p.add_argument("--epochs", type=positive_int, default=2, help="passes over each rollout batch")
-    p.add_argument("--kl", type=float, default=0.002, help="KL penalty coefficient beta (docs/method.md §6: 0.002 or 0.004)")
-    p.add_argument("--kl-target", type=float, help="adaptive KL: target KL per sequence (fixed beta when absent)")
-    p.add_argument("--kl-horizon", type=positive_int, default=10000)
-    p.add_argument("--learning-rate", type=float, default=1e-5)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--clip-range", type=float, default=0.2)
-    p.add_argument("--clip-range-value", type=float, default=0.2)
-    p.add_argument("--vf-coef", type=float, default=0.1)
-    p.add_argument("--gamma", type=float, default=1.0)
-    p.add_argument("--lam", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=positive_int, default=300)
-    p.add_argument("--max-prompt-tokens", type=positive_int, default=192, help="prompts longer than this are skipped (counted)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (log-probs and KL are of this tempered distribution)")
-    p.add_argument("--missing-marker-reward", type=float, default=-1.0, help="reward of a response that never reaches the end marker")
-    p.add_argument("--accept-eos", action="store_true", help="a response ended by the model's EOS token counts as ended (instruct models)")
-    p.add_argument("--no-stop-at-marker", dest="stop_at_marker", action="store_false",
-                   help="keep sampling after the end marker until EOS or the token limit (the original); by default rollouts stop there")
-    scaling = p.add_mutually_exclusive_group()
-    scaling.add_argument("--reward-scaling", choices=["shaped", "scores", "none"], default="shaped",
-                         help="shaped (default): rescale the per-token rewards (KL penalty included) to unit std over the step's "
-                              "response tokens, keeping their mean, as AlpacaFarm does: the scaling the paper's --kl 0.002-0.004 "
-                              "was tuned under; scores: divide only the reward-model scores by their std before shaping "
-                              "(the earlier default); none: no scaling")
-    scaling.add_argument("--no-scale-rewards", dest="reward_scaling", action="store_const", const="none",
-                         help="same as --reward-scaling none (older flag)")
-    p.add_argument("--lora", action="store_true", help="LoRA adapters for policy and value (reference = adapters off)")
-    p.add_argument("--lora-r", type=positive_int, default=16)
-    p.add_argument("--lora-alpha", type=positive_int, default=32)
-    p.add_argument("--engine", choices=["auto", "fast", "hf"], default="auto", help="rollout engine (auto: fast on GPU)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", help="default: cuda if available, else cpu")
-    p.add_argument("--seed", type=non_negative_int, default=DEFAULT_SEED, help="seeds sampling, prompt order and initialisation")
-    p.add_argument("--save-every", type=positive_int, default=20, help="checkpoint every N steps")
-    p.add_argument("--save-total-limit", type=positive_int, default=2,
-                   help="keep only the last N checkpoints; older ones are deleted once a new one is completely written (default 2)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out-dir")
-    tracking_arguments(p)
+CONFIGS = {"ppo": PpoConfig}

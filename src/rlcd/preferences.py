@@ -15,7 +15,6 @@ Parquet. The reader takes all of these and hh-rlhf's own rows (two whole dialogu
 
 from __future__ import annotations
 
-import argparse
 import csv
 import gzip
 import io
@@ -25,10 +24,13 @@ import random
 import sys
 import zlib
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from rlcd.dialogue import ASSISTANT, chat_messages, dialogue_text, prompt_from_dialogue
 from rlcd.files import UserError, atomic_write_bytes, is_text, iter_lines, load_shard, open_text, write_manifest
+from rlcd.options import Config, option
 from rlcd.seeds import DEFAULT_SEED
 
 METHODS = ("rlcd", "rlaif", "rlcd_rescore")
@@ -427,23 +429,26 @@ def check_columns(columns, where: str) -> None:
         raise UserError(f"{where}: missing columns: need output_1, output_2, preference (or chosen, rejected)")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", "--in-dir", dest="in_dir", metavar="DATA", help="directory written by rlcd simulate")
-    p.add_argument("--out-file", "--out-csv", dest="out_csv", metavar="FILE",
-                   help="table to write; its suffix picks the format: .csv, .csv.gz, .jsonl, .jsonl.gz or .parquet")
-    p.add_argument("--format", choices=FORMATS,
-                   help="standard: TRL's prompt/chosen/rejected text; conversational: TRL's message lists; rlcd: the original "
-                        "release's columns (default: conversational for --prompt-style chat simulations, except in CSV; else standard)")
-    p.add_argument("--data-type", choices=METHODS, help="simulation method of the records")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED,
-                   help=f"seed for the random order of rlcd pairs in --format rlcd tables (default {DEFAULT_SEED})")
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+@dataclass
+class ConsolidateConfig(Config):
+    """`rlcd consolidate`: a simulation's record shards -> one preference table."""
+
+    command: ClassVar[str] = "consolidate"
+    in_dir: str | None = option(None, "directory written by rlcd simulate", flags=("--data", "--in-dir"), required=True)
+    out_csv: str | None = option(None, "table to write; its suffix picks the format: .csv, .csv.gz, .jsonl, .jsonl.gz or .parquet",
+                                 flags=("--out-file", "--out-csv"), metavar="FILE", required=True)
+    format: str | None = option(None, "standard: TRL's prompt/chosen/rejected text; conversational: TRL's message lists; rlcd: the "
+                                "original release's columns (default: conversational for --prompt-style chat simulations, except in CSV; "
+                                "else standard)", choices=FORMATS)
+    data_type: str | None = option(None, "simulation method of the records", choices=METHODS, required=True)
+    seed: int = option(DEFAULT_SEED, "seed for the random order of rlcd pairs in --format rlcd tables")
+    json: bool = option(False, "print the summary as one JSON object")
 
 
-def run(args: argparse.Namespace) -> None:
-    for flag, name in (("in_dir", "--data (or --in-dir)"), ("out_csv", "--out-file (or --out-csv)"), ("data_type", "--data-type")):
-        if not getattr(args, flag):
-            raise UserError(f"{name} is required")
+CONFIGS = {"consolidate": ConsolidateConfig}
+
+
+def run(args: ConsolidateConfig) -> None:
     out = Path(args.out_csv)
     suffix = table_suffix(out)  # before any work: a name the writer cannot honour is refused at once
     if args.format == "conversational" and suffix in CSV_SUFFIXES:

@@ -49,15 +49,17 @@ phrased without any listed phrase ("No. That would hurt someone."), does not.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from rlcd import dialogue
 from rlcd.files import UserError, atomic_write_text, iter_lines, write_manifest
+from rlcd.options import Config, option
 from rlcd.seeds import DEFAULT_SEED
 
 PROBE = Path(__file__).parent / "data" / "refusal_probe.jsonl"
@@ -182,6 +184,23 @@ def refusal_rates(items: list[dict], probe: dict[str, tuple[str, str]], seed: in
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class RefusalsConfig(Config):
+    """`rlcd refusals`: refusal rate on unsafe and over-refusal rate on safe requests of an outputs file made on the
+    refusal probe."""
+
+    command: ClassVar[str] = "refusals"
+    in_file: str | None = option(None, "outputs file (JSON list of {instruction, output}) generated on the probe's prompts",
+                                 flags=("--data", "--in-file"), metavar="DATA", required=True)
+    probe: str = option(str(PROBE), "probe JSONL of {prompt, label: unsafe|safe, category} (default: the shipped refusal_probe.jsonl)")
+    out_file: str | None = option(None, "JSON to write: the summary and every matched output with its verdict")
+    seed: int = option(DEFAULT_SEED, "seeds the bootstrap intervals")
+    json: bool = option(False, "print the summary as one JSON object")
+
+
+CONFIGS = {"refusals": RefusalsConfig}
+
+
 def _line(label: str, group: dict, verb: str) -> str:
     if not group["n"]:
         return f"{label}: no outputs"
@@ -190,11 +209,9 @@ def _line(label: str, group: dict, verb: str) -> str:
             f"(95% CI {lo:.3f}-{hi:.3f}), {group['empty']} empty")
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: RefusalsConfig) -> None:
     from rlcd.evaluation import read_outputs
 
-    if not args.in_file:
-        raise UserError("--data is required")
     probe = load_probe(args.probe)
     items = read_outputs(args.in_file)
     result = refusal_rates(items, probe, args.seed)
@@ -218,13 +235,3 @@ def run(args: argparse.Namespace) -> None:
               f"{summary['unmatched']} unmatched outputs, {summary['missing']} probe prompts without an output")
     if args.out_file:
         print(args.out_file)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", "--in-file", dest="in_file", metavar="DATA",
-                   help="outputs file (JSON list of {instruction, output}) generated on the probe's prompts")
-    p.add_argument("--probe", default=str(PROBE),
-                   help="probe JSONL of {prompt, label: unsafe|safe, category} (default: the shipped refusal_probe.jsonl)")
-    p.add_argument("--out-file", help="JSON to write: the summary and every matched output with its verdict")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seeds the bootstrap intervals (default {DEFAULT_SEED})")
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")

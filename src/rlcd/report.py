@@ -17,7 +17,6 @@ table cells and lines; html.escape), with terminal control characters made visib
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import math
@@ -28,9 +27,11 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from rlcd import __version__
 from rlcd.files import FILE_MODE, UserError, atomic_write_text, load_shard, now, open_text, write_manifest
+from rlcd.options import Config, non_negative_int, option
 from rlcd.text import code_block, md_inline, terminal_safe
 
 PPO_PANELS = [  # log.jsonl key, panel title
@@ -693,14 +694,19 @@ def write_report(run_dir: Path, out_dir: Path, examples: int = 3) -> Path:
     return out_dir / "report.html"
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by rlcd pipeline")
-    p.add_argument("--out-dir", help="where to write report.md, report.html and the plots (default RUN_DIR/report)")
-    p.add_argument("--examples", type=int, default=3, help="prompts shown with every system's output side by side")
+@dataclass
+class ReportConfig(Config):
+    """`rlcd report`: Markdown + HTML report with plots of a run directory."""
+
+    command: ClassVar[str] = "report"
+    run_dir: str | None = option(None, "run directory written by rlcd pipeline", flags=(), metavar="RUN_DIR", required=True)
+    out_dir: str | None = option(None, "where to write report.md, report.html and the plots (default RUN_DIR/report)")
+    examples: int = option(3, "prompts shown with every system's output side by side", type=non_negative_int)
 
 
-def run(args: argparse.Namespace) -> None:
-    if args.examples < 0:
-        raise UserError("--examples must be 0 or more")
+CONFIGS = {"report": ReportConfig}
+
+
+def run(args: ReportConfig) -> None:
     run_dir = Path(args.run_dir)
     print(write_report(run_dir, Path(args.out_dir) if args.out_dir else run_dir / "report", args.examples))

@@ -8,7 +8,6 @@ the Trainer settings and flags the training commands share are in `training.py`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -17,23 +16,25 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from rlcd import artifacts, dialogue
 from rlcd.evaluation import read_hh_pairs, read_outputs, split_dialogue  # noqa: F401 - split_dialogue: rlcd.reward's name kept
 from rlcd.files import UserError, atomic_write_text, ensure_dir, now, write_manifest
+from rlcd.models import DEFAULT_MODEL
+from rlcd.options import Config, option
 from rlcd.reward_model import encode_texts, format_rm_input, load_reward_model, pad_right, score_texts
 from rlcd.seeds import DEFAULT_SEED
-from rlcd.training import (  # noqa: F401 - tracking_arguments: ppo.py still imports it from here
+from rlcd.training import (  # noqa: F401 - training_config: rlcd.reward's name kept
+    TrainerOptions,
     check_out_dir,
     finish_tracking,
     non_negative_int,
     parse_bf16,
     positive_int,
     public_config,
+    require_one_gpu_per_process,
     require_tracker,
-    tracking_arguments,
-    trainer_arguments,
-    training_args,
     training_config,
     writing_model,
 )
@@ -193,7 +194,7 @@ def soft_label_reward_trainer():
     return SoftLabelRewardTrainer
 
 
-def reward_config(args: argparse.Namespace, output_dir: Path, bf16: bool, has_eval: bool):
+def reward_config(args: TrainRmConfig, output_dir: Path, bf16: bool, has_eval: bool):
     from trl import RewardConfig
 
     return training_config(
@@ -207,7 +208,7 @@ def reward_config(args: argparse.Namespace, output_dir: Path, bf16: bool, has_ev
     )
 
 
-def train_reward_model(args: argparse.Namespace) -> dict:
+def train_reward_model(args: TrainRmConfig) -> dict:
     """Train, save the model and its metrics in args.out_dir, and return the metrics."""
     import torch
     from datasets import Dataset
@@ -346,7 +347,7 @@ def train_reward_model(args: argparse.Namespace) -> dict:
     return metrics
 
 
-def check_finite(trainer, args: argparse.Namespace) -> None:
+def check_finite(trainer, args: TrainRmConfig) -> None:
     """Refuse to save a model whose weights became NaN or inf (a diverged run would score every text NaN, and its
     agreement would read 0.0 as if it were a figure). Seen: Qwen2.5-Coder-0.5B under bf16 autocast on an H200, the
     gradient norm NaN at 0.8 of the epoch; the same run in fp32 trained (docs/study.md)."""
@@ -360,20 +361,13 @@ def check_finite(trainer, args: argparse.Namespace) -> None:
                     "Train again with --bf16 false or a lower --learning-rate")
 
 
-def run_train(args: argparse.Namespace) -> None:
+def run_train(args: TrainRmConfig) -> None:
     if args.learning_rate is None:
         args.learning_rate = LORA_LR if args.lora else FULL_LR
     args.bf16 = parse_bf16(args.bf16)
+    args.validate()  # again: fields may have been set after the config was built
     require_tracker(args.report_to)
-    checks = [  # before any loading or writing
-        (args.learning_rate > 0, f"--learning-rate must be positive, got {args.learning_rate}"),
-        (args.epochs > 0, f"--epochs must be positive, got {args.epochs}"),
-        (args.lora_alpha > 0, f"--lora-alpha must be positive, got {args.lora_alpha}"),
-        (0 <= args.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {args.lora_dropout}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
+    require_one_gpu_per_process()
     out_dir = Path(args.out_dir)
     if args.resume and (out_dir / "metrics.json").exists():
         print(f"{out_dir}: already trained (metrics.json exists); nothing to do")
@@ -398,7 +392,7 @@ def run_train(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def evaluate_reward_model(args: argparse.Namespace) -> dict:
+def evaluate_reward_model(args: EvalRmConfig) -> dict:
     pairs, skipped, problems = read_hh_pairs(args.data_path, args.num_pairs)
     for line in problems[:10]:  # stderr: with --json, stdout holds only the figures
         print(f"skipped {line}", file=sys.stderr)
@@ -425,7 +419,7 @@ def evaluate_reward_model(args: argparse.Namespace) -> dict:
     }
 
 
-def run_eval(args: argparse.Namespace) -> None:
+def run_eval(args: EvalRmConfig) -> None:
     if args.out_file:
         ensure_dir(Path(args.out_file).parent)
     result = evaluate_reward_model(args)
@@ -454,7 +448,7 @@ def run_eval(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def run_score(args: argparse.Namespace) -> None:
+def run_score(args: ScoreConfig) -> None:
     items = read_outputs(args.data_path)
     ensure_dir(Path(args.out_file).parent)
     model, tokenizer = load_reward_model(args.reward_model, dtype=args.dtype, flag="--reward-model")
@@ -474,68 +468,77 @@ def run_score(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags of whichever stage this parser is for: `rlcd train-rm`, `rlcd eval-rm` or `rlcd score`."""
-    stage = p.prog.rsplit(" ", 1)[-1]  # cli.py names each subparser "rlcd <stage>"
-    {"train-rm": _train_arguments, "eval-rm": _eval_arguments, "score": _score_arguments}[stage](p)
+@dataclass
+class TrainRmConfig(TrainerOptions):
+    """`rlcd train-rm`: a reward model trained on a preference table (Bradley-Terry, soft labels where the table has them)."""
+
+    command: ClassVar[str] = "train-rm"
+    data: str | None = option(None, "preference table (CSV or JSONL) from rlcd consolidate, or the original release's", required=True)
+    model: str = option(DEFAULT_MODEL, f"base model: a Hugging Face directory or hub id, or '{DEFAULT_MODEL}' (embedded SmolLM2-135M)",
+                        flags=("--model", "--model-string"))
+    out_dir: str | None = option(None, "directory for the reward model, metrics.json, manifest.json and checkpoints/", required=True)
+    learning_rate: float | None = option(None, f"peak learning rate (cosine, 3%% warmup); default {FULL_LR:g}, or {LORA_LR:g} with --lora. "
+                                         "The paper used 3e-6 for full fine-tuning of LLaMA-7B; small models such as the 135M default "
+                                         "learn too slowly at that rate")
+    epochs: float = option(1.0, "passes over the training pairs (paper: 1)")
+    batch_size: int = option(4, "pairs per device per step", type=positive_int)
+    gradient_accumulation_steps: int = option(4, "micro-batches per optimizer step; effective batch = batch size x this x GPUs "
+                                              "(paper: 16 pairs)", type=positive_int)
+    max_length: int = option(512, "tokens per input; longer ones lose their start", type=positive_int)
+    eval_pairs: int = option(500, "pairs held out to monitor accuracy (0 for none)", type=non_negative_int)
+    seed: int = option(DEFAULT_SEED, "seed for the held-out split, head initialisation and data order")
+
+    def validate(self) -> None:
+        super().validate()
+        checks = [  # before any loading or writing
+            (self.learning_rate is None or self.learning_rate > 0, f"--learning-rate must be positive, got {self.learning_rate}"),
+            (self.epochs > 0, f"--epochs must be positive, got {self.epochs}"),
+            (self.lora_alpha > 0, f"--lora-alpha must be positive, got {self.lora_alpha}"),
+            (0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
 
 
-def _train_arguments(p: argparse.ArgumentParser) -> None:
-    from rlcd.models import DEFAULT_MODEL
+@dataclass
+class ScoringOptions(Config):
+    """What eval-rm and score share: how the reward model reads its inputs, and how the figures are printed."""
 
-    p.add_argument("--data", help="preference table (CSV or JSONL) from rlcd consolidate, or the original release's")
-    p.add_argument("--model", "--model-string", default=DEFAULT_MODEL,
-                   help=f"base model: a Hugging Face directory or hub id, or '{DEFAULT_MODEL}' (embedded SmolLM2-135M); default {DEFAULT_MODEL}")
-    p.add_argument("--out-dir", help="directory for the reward model, metrics.json, manifest.json and checkpoints/")
-    p.add_argument("--learning-rate", type=float, default=None,
-                   help=f"peak learning rate (cosine, 3%% warmup); default {FULL_LR:g}, or {LORA_LR:g} with --lora. The paper used 3e-6 "
-                        "for full fine-tuning of LLaMA-7B; small models such as the 135M default learn too slowly at that rate")
-    p.add_argument("--epochs", type=float, default=1.0, help="passes over the training pairs (paper: 1)")
-    p.add_argument("--batch-size", type=positive_int, default=4, help="pairs per device per step (default 4)")
-    p.add_argument("--gradient-accumulation-steps", type=positive_int, default=4,
-                   help="micro-batches per optimizer step; effective batch = batch size x this x GPUs (paper: 16 pairs)")
-    p.add_argument("--max-length", type=positive_int, default=512, help="tokens per input; longer ones lose their start (default 512)")
-    p.add_argument("--eval-pairs", type=non_negative_int, default=500, help="pairs held out to monitor accuracy (default 500; 0 for none)")
-    trainer_arguments(p, lora_help="train LoRA adapters plus the score head instead of all weights; saved merged")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED,
-                   help=f"seed for the held-out split, head initialisation and data order (default {DEFAULT_SEED})")
+    batch_size: int = option(24, "texts per forward pass", type=positive_int)
+    max_length: int | None = option(None, "tokens per input, cut on the left (default: the value train-rm saved with the model)",
+                                     type=positive_int)
+    dtype: str = option("auto", "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16")
+    json: bool = option(False, "print the figures as one JSON object")
 
 
-def _scoring_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=positive_int, default=24, help="texts per forward pass (default 24)")
-    p.add_argument("--max-length", type=positive_int, default=None, help="tokens per input, cut on the left (default: the value train-rm saved with the model)")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16")
-    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+@dataclass
+class EvalRmConfig(ScoringOptions):
+    """`rlcd eval-rm`: the agreement of a reward model with human labels (hh-rlhf pairs), with a bootstrap interval."""
+
+    command: ClassVar[str] = "eval-rm"
+    model_path: str | None = option(None, "reward model directory written by rlcd train-rm", flags=("--reward-model", "--model-path"),
+                                    metavar="REWARD_MODEL", required=True)
+    data_path: str | None = option(None, "human-labelled pairs: hh-rlhf jsonl(.gz) with 'chosen' and 'rejected' dialogues, or a "
+                                   "preference table", flags=("--data", "--data-path"), metavar="DATA", required=True)
+    num_pairs: int = option(2000, "score the first N usable pairs (paper: 2000)", type=positive_int)
+    seed: int = option(DEFAULT_SEED, "seed of the bootstrap resampling")
+    out_file: str | None = option(None, "also write the figures to this JSON file")
 
 
-def _eval_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--reward-model", "--model-path", dest="model_path", metavar="REWARD_MODEL",
-                   help="reward model directory written by rlcd train-rm")
-    p.add_argument("--data", "--data-path", dest="data_path", metavar="DATA",
-                   help="human-labelled pairs: hh-rlhf jsonl(.gz) with 'chosen' and 'rejected' dialogues, or a preference table")
-    p.add_argument("--num-pairs", type=positive_int, default=2000, help="score the first N usable pairs (paper: 2000)")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"seed of the bootstrap resampling (default {DEFAULT_SEED})")
-    p.add_argument("--out-file", help="also write the figures to this JSON file")
-    _scoring_arguments(p)
+@dataclass
+class ScoreConfig(ScoringOptions):
+    """`rlcd score`: an outputs file with each output's reward-model score added."""
+
+    command: ClassVar[str] = "score"
+    reward_model: str | None = option(None, "reward model directory written by rlcd train-rm", required=True)
+    data_path: str | None = option(None, "outputs file: a JSON list of {instruction, output}", flags=("--data", "--data-path", "--in-file"),
+                                   metavar="DATA", required=True)
+    out_file: str | None = option(None, "where to write the outputs with a 'score' field added", required=True)
 
 
-def _score_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--reward-model", help="reward model directory written by rlcd train-rm")
-    p.add_argument("--data", "--data-path", "--in-file", dest="data_path", metavar="DATA", help="outputs file: a JSON list of {instruction, output}")
-    p.add_argument("--out-file", help="where to write the outputs with a 'score' field added")
-    _scoring_arguments(p)
+CONFIGS = {"train-rm": TrainRmConfig, "eval-rm": EvalRmConfig, "score": ScoreConfig}
 
 
-REQUIRED = {  # dest -> the flag's name, as the error names it
-    "train-rm": {"data": "--data", "out_dir": "--out-dir"},
-    "eval-rm": {"model_path": "--reward-model", "data_path": "--data"},
-    "score": {"reward_model": "--reward-model", "data_path": "--data", "out_file": "--out-file"},
-}
-
-
-def run(args: argparse.Namespace) -> None:
-    # checked here, not by argparse, so that --config can supply them
-    for dest, flag in REQUIRED[args.command].items():
-        if not getattr(args, dest):
-            raise UserError(f"{flag} is required")
+def run(args: TrainRmConfig | EvalRmConfig | ScoreConfig) -> None:
     {"train-rm": run_train, "eval-rm": run_eval, "score": run_score}[args.command](args)

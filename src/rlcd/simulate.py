@@ -14,7 +14,6 @@ Every random choice derives from --seed and the prompt index alone.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import math
@@ -25,11 +24,14 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from rlcd import dialogue
 from rlcd.engines import ENGINE_HELP, ENGINE_KINDS, Engine, SamplingParams, load_engine, openai_server
+from rlcd.engines.openai_server import BackendOptions
 from rlcd.files import UserError, append_lines, ensure_dir, now, write_manifest
 from rlcd.models import DEFAULT_MODEL, resolve_model
+from rlcd.options import option
 from rlcd.preferences import latest_records, load_records
 from rlcd.seeds import DEFAULT_SEED, sample_seed
 from rlcd.tasks import Task, load_task
@@ -236,42 +238,52 @@ def process_slice(mod: int | None, remainder: int | None) -> tuple[int, int]:
     return mod * world, remainder + mod * rank
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument("--prompts-file", help="hh-rlhf JSONL(.gz), or a JSON/JSONL list of first-turn questions")
-    g.add_argument("--task", default="harmless", help="harmless, helpful, or a task YAML file (default harmless)")
-    g.add_argument("--method", default="rlcd", choices=list(SLOTS), help="simulation method (default rlcd)")
-    g.add_argument("--out-dir", help="directory for the record shards and manifests")
-    g.add_argument("--dedupe", action="store_true", help="skip prompts identical to an earlier one")
-    g.add_argument("--exclude-prompts", help="skip prompts whose first Human turn starts a dialogue in this file (e.g. the test split)")
-    g.add_argument("--max-prompts", type=int, help="use only the first N prompts of the file (after skips)")
-    g.add_argument("--indices", help="only these prompt indices: comma-separated, inclusive ranges (17-29,35-40)")
-    g.add_argument("--indices-mod", type=int, help="only indices i with i %% mod == remainder")
-    g.add_argument("--indices-remainder", type=int)
-    g.add_argument("--retry-failed", action="store_true", help="redo indices whose record is 'failed' (attempts continue from where they stopped)")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", "--model-string", dest="model", default="smollm2", help="HF directory or hub id; 'smollm2' = the embedded default (default)")
-    g.add_argument("--engine", default="auto", choices=ENGINE_KINDS, help=f"with --backend hf, the {ENGINE_HELP}")
-    g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: the GPU of this process if any, else cpu)")
-    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU and on CPUs with native bf16, else fp32), float32, bfloat16, float16")
-    g = p.add_argument_group("sampling")
-    g.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    g.add_argument("--batch-size", type=int, default=32, help="samples generated per batch (default 32)")
-    g.add_argument("--max-new-tokens", type=int, default=300)
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=50, help="0 turns top-k off (default 50, the original's library default)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--max-attempts", type=int, default=5, help="samples drawn per output before the index fails (default 5)")
-    g.add_argument("--accept-eos", action="store_true", help="accept the model's end-of-sequence token as the end of the turn")
-    g.add_argument("--prompt-style", default="raw", choices=["raw", "chat"],
-                   help="raw: the paper's 'Assistant (descriptor):' prompts (default); chat: the tokenizer's chat template, descriptor in a system message")
-    openai_server.add_arguments(p)
+@dataclass
+class SimulateConfig(BackendOptions):
+    """`rlcd simulate`: preference pairs by RLCD, RLAIF or RLCD-Rescore, appended to record shards in --out-dir."""
+
+    command: ClassVar[str] = "simulate"
+    # data
+    prompts_file: str | None = option(None, "hh-rlhf JSONL(.gz), or a JSON/JSONL list of first-turn questions", group="data", required=True)
+    task: str = option("harmless", "harmless, helpful, or a task YAML file", group="data")
+    method: str = option("rlcd", "simulation method", choices=tuple(SLOTS), group="data")
+    out_dir: str | None = option(None, "directory for the record shards and manifests", group="data", required=True)
+    dedupe: bool = option(False, "skip prompts identical to an earlier one", group="data")
+    exclude_prompts: str | None = option(None, "skip prompts whose first Human turn starts a dialogue in this file (e.g. the test split)",
+                                         group="data")
+    max_prompts: int | None = option(None, "use only the first N prompts of the file (after skips)", group="data")
+    indices: str | None = option(None, "only these prompt indices: comma-separated, inclusive ranges (17-29,35-40)", group="data")
+    indices_mod: int | None = option(None, "only indices i with i %% mod == remainder", group="data")
+    indices_remainder: int | None = option(None, "see --indices-mod", group="data")
+    retry_failed: bool = option(False, "redo indices whose record is 'failed' (attempts continue from where they stopped)", group="data")
+    # model
+    model: str = option(DEFAULT_MODEL, f"HF directory or hub id; '{DEFAULT_MODEL}' = the embedded default", flags=("--model", "--model-string"),
+                        group="model")
+    engine: str = option("auto", f"with --backend hf, the {ENGINE_HELP}", choices=ENGINE_KINDS, group="model")
+    device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: the GPU of this process if any, else cpu)", group="model")
+    dtype: str = option("auto", "auto (bf16 on GPU and on CPUs with native bf16, else fp32), float32, bfloat16, float16", group="model")
+    # sampling
+    seed: int = option(DEFAULT_SEED, "seed of every random choice; each derives from it and the prompt index alone", group="sampling")
+    batch_size: int = option(32, "samples generated per batch", group="sampling")
+    max_new_tokens: int = option(300, "most new tokens per sample", group="sampling")
+    temperature: float = option(1.0, "sampling temperature", group="sampling")
+    top_k: int = option(50, "0 turns top-k off; 50 is the original's library default", group="sampling")
+    top_p: float = option(1.0, "nucleus sampling: draw from the smallest set of tokens whose probabilities add up to this", group="sampling")
+    max_attempts: int = option(5, "samples drawn per output before the index fails", group="sampling")
+    accept_eos: bool = option(False, "accept the model's end-of-sequence token as the end of the turn", group="sampling")
+    prompt_style: str = option("raw", "raw: the paper's 'Assistant (descriptor):' prompts; chat: the tokenizer's chat template, "
+                               "descriptor in a system message", choices=("raw", "chat"), group="sampling")
+
+    def validate(self) -> None:
+        super().validate()
+        check_settings(self)
 
 
-def validate(args) -> SimulationConfig:
-    for flag in ("prompts_file", "out_dir"):
-        if not getattr(args, flag):
-            raise UserError(f"--{flag.replace('_', '-')} is required")
+CONFIGS = {"simulate": SimulateConfig}
+
+
+def check_settings(args) -> None:
+    """One-line errors for settings out of range, before any work (a config's own check, and `validate`'s)."""
     checks = [
         (args.batch_size >= 1, "--batch-size must be at least 1"),
         (args.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
@@ -285,6 +297,13 @@ def validate(args) -> SimulationConfig:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    openai_server.check_arguments(args, uses_server=False)
+
+
+def validate(args: SimulateConfig) -> SimulationConfig:
+    """The engine's SimulationConfig of these settings, after the checks that read the environment (the server's key)
+    or files (the model directory)."""
+    check_settings(args)  # a config has passed them already; any other object with these attributes has not
     openai_server.check_arguments(args, uses_server=args.backend == "openai")
     if args.backend == "hf" and args.model != DEFAULT_MODEL:  # the embedded default is converted (once) when the engine loads
         resolve_model(args.model)  # a missing model directory fails here, before anything is written
@@ -316,7 +335,7 @@ def shard_summary(records: list[dict], slots: tuple[str, ...]) -> dict:
     }
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: SimulateConfig) -> None:
     cfg = validate(args)
     task = load_task(args.task)
     prompts = dialogue.load_prompts(args.prompts_file, dedupe=args.dedupe, exclude=args.exclude_prompts)

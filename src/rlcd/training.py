@@ -11,9 +11,11 @@ import importlib
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from rlcd.files import UserError
+from rlcd.options import BadValue, Config, non_negative_int, option, positive_int  # noqa: F401 - the stages import the types from here too
 
 WARMUP_FRACTION = 0.03  # docs/method.md §5: cosine schedule, 3% warmup, weight decay 0
 
@@ -117,24 +119,6 @@ def _readable_json(path: Path) -> bool:
         return False
 
 
-class BadValue(argparse.ArgumentTypeError, ValueError):
-    """A flag value out of range: argparse prints its message, and --config (which catches ValueError) too."""
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise BadValue(f"expected a positive integer, got {text}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise BadValue(f"expected 0 or a positive integer, got {text}")
-    return value
-
-
 def parse_bf16(value) -> bool | str:
     if isinstance(value, bool) or value == "auto":
         return value
@@ -150,39 +134,55 @@ def public_config(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if not k.startswith("_")}
 
 
-def trainer_arguments(p: argparse.ArgumentParser, lora_help: str) -> None:
-    """Flags every Trainer-based stage shares (train-rm, sft, dpo, rloo): LoRA, memory, precision, checkpoints."""
-    p.add_argument("--lora", action="store_true", help=lora_help)
-    p.add_argument("--lora-r", type=positive_int, default=16, help="LoRA rank (default 16)")
-    p.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA scaling alpha (default 32)")
-    p.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA inputs (default 0.05)")
-    p.add_argument("--lora-target-modules", default="all-linear", help="comma-separated module names, or all-linear (default)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass to save memory")
-    p.add_argument("--bf16", type=parse_bf16, default="auto", help="bf16 mixed precision: auto (on when CUDA is available), true or false")
-    p.add_argument("--save-steps", type=non_negative_int, default=500,
-                   help="save a checkpoint (for --resume) every this many steps; checkpoints are deleted once training "
-                        "finishes; 0 saves none (default 500)")
-    p.add_argument("--save-total-limit", type=positive_int, default=1, help="keep only the last N checkpoints (default 1)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT_DIR/checkpoints")
-    p.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many optimizer steps (overrides --epochs)")
-    tracking_arguments(p)
-    p.add_argument("--training-args", type=training_args, default=None,
-                   help="more transformers TrainingArguments, applied last (they override the flags): a mapping in a --config "
-                        "file (training-args: {adam_beta2: 0.95}) or a JSON/YAML mapping here (default: none)")
+TRACKING = "experiment tracking"
 
 
-def tracking_arguments(p: argparse.ArgumentParser) -> None:
+@dataclass
+class TrackingOptions(Config):
     """--report-to and --run-name: every training command's (train-rm, sft, dpo, rloo, ppo) experiment tracking."""
-    p.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default="none",
-                   help="also log training figures to TensorBoard (OUT_DIR/tensorboard) or Weights & Biases (project "
-                        "$WANDB_PROJECT, default rlcd; WANDB_MODE=offline keeps the run on disk) (default: none)")
-    p.add_argument("--run-name", default=None, help="name of the W&B run (default: one W&B picks)")
+
+    report_to: str = option("none", "also log training figures to TensorBoard (OUT_DIR/tensorboard) or Weights & Biases (project "
+                            "$WANDB_PROJECT, else rlcd; WANDB_MODE=offline keeps the run on disk)",
+                            choices=("none", "tensorboard", "wandb"), group=TRACKING)
+    run_name: str | None = option(None, "name of the W&B run (default: one W&B picks)", group=TRACKING)
+
+
+@dataclass
+class TrainerOptions(TrackingOptions):
+    """Settings every Trainer-based stage shares (train-rm, sft, dpo, rloo): LoRA, memory, precision, checkpoints."""
+
+    lora: bool = option(False, "train LoRA adapters instead of all weights (a reward model's score head is trained whole); "
+                        "the saved model is merged", group="trainer")
+    lora_r: int = option(16, "LoRA rank", type=positive_int, group="trainer")
+    lora_alpha: float = option(32.0, "LoRA scaling alpha", group="trainer")
+    lora_dropout: float = option(0.05, "dropout on the LoRA inputs", group="trainer")
+    lora_target_modules: str = option("all-linear", "comma-separated module names, or all-linear", group="trainer")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass to save memory", group="trainer")
+    bf16: bool | str = option("auto", "bf16 mixed precision: auto (on when CUDA is available), true or false", type=parse_bf16, group="trainer")
+    save_steps: int = option(500, "save a checkpoint (for --resume) every this many steps; checkpoints are deleted once training "
+                             "finishes; 0 saves none", type=non_negative_int, group="trainer")
+    save_total_limit: int = option(1, "keep only the last N checkpoints", type=positive_int, group="trainer")
+    resume: bool = option(False, "continue from the last checkpoint in OUT_DIR/checkpoints", group="trainer")
+    max_steps: int | None = option(None, "stop after this many optimizer steps (overrides --epochs)", type=positive_int, group="trainer")
+    training_args: dict | None = option(None, "more transformers TrainingArguments, applied last (they override the flags): a mapping "
+                                        "in a --config file (training-args: {adam_beta2: 0.95}) or a JSON/YAML mapping here (default: none)",
+                                        type=lambda value: training_args(value), group="trainer")
 
 
 def require_tracker(report_to: str) -> None:
     """Fail before any loading when --report-to names a package that is missing (the CLI says how to install it)."""
     if report_to != "none":
         importlib.import_module(report_to)  # the packages are named as the choices: tensorboard, wandb
+
+
+def require_one_gpu_per_process() -> None:
+    """One process that sees several GPUs would train under `nn.DataParallel`, which TRL's trainers refuse (with a
+    traceback, after loading): say at once how to use them all, or one."""
+    import torch
+
+    if "WORLD_SIZE" not in os.environ and torch.cuda.device_count() > 1:
+        raise UserError(f"this process sees {torch.cuda.device_count()} GPUs: train on all of them with `accelerate launch --config_file "
+                        "configs/accelerate/ddp.yaml -m rlcd ...` (docs/multi-gpu.md), or on one with CUDA_VISIBLE_DEVICES=0")
 
 
 def finish_tracking(report_to: str) -> None:

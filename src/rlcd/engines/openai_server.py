@@ -24,7 +24,7 @@ One server configuration: every command that can use a server (simulate, generat
 judge-agreement) goes through this module, so they read the same settings the same way. The URL
 is --base-url, else $OPENAI_BASE_URL, else OpenAI's API (`server_url`); the key is $RLCD_API_KEY or
 $OPENAI_API_KEY, never a flag, and is needed only by OpenAI's own API (`server_key`); --concurrency,
---max-retries and --timeout have the same defaults everywhere (`add_arguments`). Sampling sends no
+--max-retries and --timeout have the same defaults everywhere (`ServerOptions`). Sampling sends no
 repetition penalty (both servers' names for it are set to 1) and min_p 0, so a server's own defaults
 (llama-cpp-python's 1.1, a vLLM model's generation config) do not change the samples; top-k off is
 sent as no top_k, because vLLM and SGLang refuse 0 and llama-cpp-python refuses -1, so there a
@@ -59,16 +59,18 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import urlparse
 
 from rlcd.engines import Completion, SamplingParams
 from rlcd.files import UserError
+from rlcd.options import Config, option
 from rlcd.text import terminal_safe
 
 T = TypeVar("T")
 
-# the settings every server user shares (`add_arguments`)
+# the settings every server user shares (`ServerOptions`)
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 OPENAI_HOSTS = ("api.openai.com",)  # hosts that need a real key; any other server gets a placeholder when none is set
 CONCURRENCY = 16
@@ -444,27 +446,33 @@ class _BaseURLs(argparse.Action):
         namespace._base_url_given = True
 
 
-def add_arguments(p, backend: bool = True):
-    """--base-url, --concurrency, --max-retries, --timeout (and with `backend`, --backend and --api-model) in one
-    group, with the same defaults on every command; returns the group."""
-    g = p.add_argument_group("OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp, OpenAI); "
-                             "the key comes from $OPENAI_API_KEY or $RLCD_API_KEY, never a flag")
-    if backend:
-        g.add_argument("--backend", default="hf", choices=["hf", "openai"],
-                       help="hf: the in-process model of --model; openai: the model --api-model of the server (default hf)")
-        g.add_argument("--api-model", help="the model's name on the server, as its /v1/models lists it (needed with --backend openai)")
-    g.add_argument("--base-url", action=_BaseURLs,
-                   help="server URL, e.g. http://127.0.0.1:8000/v1; several servers of the same model (one vLLM per GPU or node) "
-                        "comma-separated or as a repeated flag: requests go to the least busy, and one that fails is retried "
-                        f"on another (default: $OPENAI_BASE_URL, else {DEFAULT_BASE_URL})")
-    g.add_argument("--concurrency", type=int, default=CONCURRENCY,
-                   help=f"requests in flight per server of --base-url (default {CONCURRENCY})")
-    g.add_argument("--max-retries", type=int, default=MAX_RETRIES,
-                   help="retries of a request on each server after a transient fault (429, 5xx, timeout, dropped connection, unparsable "
-                        "reply), with exponential backoff and jitter, waiting at least the server's Retry-After; with several servers "
-                        f"a fault first moves the request to another (default {MAX_RETRIES})")
-    g.add_argument("--timeout", type=float, default=TIMEOUT_S, help=f"seconds to wait for one reply (default {TIMEOUT_S:g})")
-    return g
+SERVER = ("OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp, OpenAI); the key comes from $OPENAI_API_KEY or "
+          "$RLCD_API_KEY, never a flag")
+
+
+@dataclass
+class ServerOptions(Config):
+    """--base-url, --concurrency, --max-retries, --timeout: the same settings, with the same defaults, on every command
+    that can use a server."""
+
+    base_url: str | None = option(None, "server URL, e.g. http://127.0.0.1:8000/v1; several servers of the same model (one vLLM per GPU "
+                                  "or node) comma-separated or as a repeated flag: requests go to the least busy, and one that fails is "
+                                  f"retried on another (default: $OPENAI_BASE_URL, else {DEFAULT_BASE_URL})", action=_BaseURLs, group=SERVER)
+    concurrency: int = option(CONCURRENCY, "requests in flight per server of --base-url", group=SERVER)
+    max_retries: int = option(MAX_RETRIES, "retries of a request on each server after a transient fault (429, 5xx, timeout, dropped "
+                              "connection, unparsable reply), with exponential backoff and jitter, waiting at least the server's "
+                              "Retry-After; with several servers a fault first moves the request to another", group=SERVER)
+    timeout: float = option(TIMEOUT_S, "seconds to wait for one reply", group=SERVER)
+
+
+@dataclass
+class BackendOptions(ServerOptions):
+    """ServerOptions plus --backend and --api-model: for commands that run a model in process or on a server."""
+
+    backend: str = option("hf", "hf: the in-process model of --model; openai: the model --api-model of the server",
+                          choices=("hf", "openai"), group=SERVER)
+    api_model: str | None = option(None, "the model's name on the server, as its /v1/models lists it (needed with --backend openai)",
+                                   group=SERVER)
 
 
 def check_arguments(args, uses_server: bool) -> None:
