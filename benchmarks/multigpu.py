@@ -74,6 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--rm-batch-size", type=int, default=8, help="pairs per process per micro-batch (default 8)")
     g.add_argument("--rm-eval-pairs", type=int, default=200)
     g.add_argument("--rm-max-length", type=int, default=512)
+    g.add_argument("--rm-bf16", default="auto", choices=["auto", "true", "false"], help="train-rm --bf16 (default auto)")
     g = p.add_argument_group("ppo")
     g.add_argument("--ppo-steps", type=int, default=4)
     g.add_argument("--ppo-rollouts", type=int, default=256)
@@ -312,7 +313,7 @@ def main(argv=None) -> int:
             extra = json.dumps({"eval_strategy": "no", "logging_steps": max(1, args.rm_steps // 20)})  # held-out pairs scored once, after timing
             common = ["train-rm", "--data", data, "--model", model, "--max-steps", str(args.rm_steps), "--batch-size", str(args.rm_batch_size),
                       "--eval-pairs", str(args.rm_eval_pairs), "--max-length", str(args.rm_max_length), "--save-steps", "0",
-                      "--seed", str(args.seed), "--training-args", extra]
+                      "--seed", str(args.seed), "--bf16", args.rm_bf16, "--training-args", extra]
             return [[*common, "--gradient-accumulation-steps", str(n)], [*common, "--gradient-accumulation-steps", "1"]]
         common = ["ppo", "--prompts", args.prompts_file, "--policy", model, "--reward-model", str(work / "train-rm-1"),
                   "--steps", str(args.ppo_steps), "--rollouts", str(args.ppo_rollouts), "--minibatch-size", str(args.ppo_minibatch_size),
@@ -335,7 +336,9 @@ def main(argv=None) -> int:
             if args.stop_after is not None and time.time() - started >= args.stop_after:
                 unfinished = True
                 break
-            record = run(name, command(processes, [*rlcd_args, "--out-dir", str(out_dir)]), out_dir, work, env, args.timeout)
+            # the 1-process baseline runs on one GPU (one process seeing several would be refused by the trainer stages)
+            one_gpu = {"CUDA_VISIBLE_DEVICES": env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]} if processes == 1 and gpu_count() else {}
+            record = run(name, command(processes, [*rlcd_args, "--out-dir", str(out_dir)]), out_dir, work, {**env, **one_gpu}, args.timeout)
             if record["returncode"] == 0:
                 record["figures"] = (simulate_figures(out_dir, record["wall_s"]) if part == "simulate"
                                      else train_rm_figures(out_dir, processes) if part == "train-rm"
