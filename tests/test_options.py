@@ -92,3 +92,11 @@ def test_a_config_built_in_python_is_checked_like_the_command_line():
     with pytest.raises(rlcd.UserError, match="--minibatch-size 600 is larger than --rollouts 512"):
         ppo(**required, minibatch_size=600)
     assert ppo(**required).changed() == required
+
+
+def test_the_package_gives_the_configs_too():
+    from rlcd import TrainRmConfig
+
+    assert TrainRmConfig is config_class("train-rm") and TrainRmConfig.command == "train-rm"
+    with pytest.raises(ImportError):
+        from rlcd import NoSuchConfig  # noqa: F401

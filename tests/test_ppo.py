@@ -322,6 +322,9 @@ def test_ppo_cli_with_the_real_engine_writes_log_checkpoints_and_a_loadable_poli
     model, _ = load_causal_lm(str(tmp_path / "run"), device="cpu", dtype="float32")
     assert model.config.vocab_size > 0
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-2", "step-3"]  # --save-total-limit 2
+    from rlcd.files import FILE_MODE
+
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "run").iterdir() if p.is_file()} == {FILE_MODE}  # weights too, not 0600
     # the model directory: a card, the evaluation's sampling with every stop id, the training layout as chat template
     from transformers import AutoTokenizer, GenerationConfig
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlcd import reward
+from rlcd import files, reward
 from rlcd.cli import main
 from rlcd.dialogue import END_MARKER
 from rlcd.files import UserError
@@ -268,6 +268,9 @@ def test_train_rm_learns_the_marker_word(trained_rm, capsys):
     assert metrics["train_loss"] < 0.6
     for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.json", "manifest.json"):
         assert (out / name).exists(), name
+    # shareable: every file of the model directory has the user's umask mode (safetensors writes the weights 0600)
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if p.is_file()} == \
+        {p.name: files.FILE_MODE for p in out.iterdir() if p.is_file()}
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stage"] == "train-rm" and manifest["counts"]["train_steps"] == metrics["train_steps"]
     config = json.loads((out / "config.json").read_text())

@@ -1,7 +1,8 @@
 """RLCD: Reinforcement Learning from Contrast Distillation (Yang et al., arXiv 2307.12950).
 
-Every command is a function of `rlcd.api` (`from rlcd.api import simulate, train_rm`), and those whose
-name no stage module takes are here too (`rlcd.train_rm(...)`): see rlcd/api.py.
+Every command is a function of `rlcd.api` (`from rlcd.api import simulate, train_rm`) taking its typed config
+(`rlcd.api.TrainRmConfig`, also here: `from rlcd import TrainRmConfig`) and/or keywords; the functions whose name
+no stage module takes are here too (`rlcd.train_rm(...)`): see rlcd/api.py.
 Importing the package loads nothing heavy; a stage's libraries load when it runs.
 """
 
@@ -17,6 +18,8 @@ def __getattr__(name: str):
 
     if name in _STAGE_MODULES:  # a stage module of the same name: `from rlcd import simulate` must import it
         return importlib.import_module(f"rlcd.{name}")
+    if name.endswith("Config") and name in importlib.import_module("rlcd.api").CONFIG_NAMES:
+        return getattr(importlib.import_module("rlcd.api"), name)
     if name not in __all__:
         raise AttributeError(f"module 'rlcd' has no attribute '{name}'")
     api = importlib.import_module("rlcd.api")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlcd import __version__
-from rlcd.files import atomic_write_text, now
+from rlcd.files import atomic_write_text, now, share_files
 from rlcd.text import code_block
 
 EVAL_SAMPLING = {"temperature": 1.0, "top_p": 0.9, "top_k": 0, "max_new_tokens": 300}
@@ -152,6 +152,7 @@ def write_model_card(out_dir: Path, tokenizer, card: Card) -> None:
         "## Input format", reward_model_format(tokenizer, card) if reward_model else policy_format(out_dir, tokenizer, card),
     ]
     atomic_write_text(Path(out_dir) / "README.md", "\n\n".join(parts) + "\n")
+    share_files(Path(out_dir))  # the card is the last file of a saved model: the weights were written 0600
 
 
 def command_line() -> str:

@@ -167,6 +167,14 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, _encode(path, text))
 
 
+def share_files(directory: Path) -> None:
+    """Give the files directly in `directory` the user's umask permissions: libraries write some with mkstemp's 0600
+    (safetensors' weights), which a model directory meant to be shared or served should not keep."""
+    for path in Path(directory).iterdir():
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, FILE_MODE)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """`atomic_write_text` for bytes (gzip, Parquet); the file gets the user's umask permissions."""
     path = Path(path)

