@@ -100,3 +100,10 @@ def test_the_package_gives_the_configs_too():
     assert TrainRmConfig is config_class("train-rm") and TrainRmConfig.command == "train-rm"
     with pytest.raises(ImportError):
         from rlcd import NoSuchConfig  # noqa: F401
+
+
+def test_one_version():
+    import tomllib
+
+    pyproject = tomllib.loads((Path(rlcd.__file__).parents[2] / "pyproject.toml").read_text())
+    assert rlcd.__version__ == pyproject["project"]["version"]

@@ -6,7 +6,7 @@ no stage module takes are here too (`rlcd.train_rm(...)`): see rlcd/api.py.
 Importing the package loads nothing heavy; a stage's libraries load when it runs.
 """
 
-__version__ = "0.1.0"
+from rlcd.version import __version__  # noqa: F401 - rlcd.__version__
 
 _STAGE_MODULES = ("simulate", "generate", "ppo", "report", "pipeline")  # until they move: their functions are in rlcd.api
 __all__ = ["UserError", "run_command", "consolidate", "train_rm", "eval_rm", "score", "format_prompts", "postprocess", "sft", "dpo",

@@ -20,9 +20,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlcd import __version__
 from rlcd.files import atomic_write_text, now, share_files
 from rlcd.text import code_block
+from rlcd.version import __version__
 
 EVAL_SAMPLING = {"temperature": 1.0, "top_p": 0.9, "top_k": 0, "max_new_tokens": 300}
 """`rlcd generate`'s defaults (docs/method.md §8): the settings every policy is evaluated with."""

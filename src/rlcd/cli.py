@@ -14,9 +14,9 @@ import sys
 
 import yaml
 
-from rlcd import __version__
 from rlcd.files import UserError
 from rlcd.text import terminal_safe
+from rlcd.version import __version__
 
 STAGES = {
     "simulate": ("rlcd.simulate", "simulate preference pairs (rlcd, rlaif, rlcd_rescore)"),

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rlcd import __version__
+from rlcd.version import __version__
 
 
 class UserError(Exception):

@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from rlcd import __version__
 from rlcd.files import FILE_MODE, UserError, atomic_write_text, load_shard, now, open_text, write_manifest
 from rlcd.options import Config, non_negative_int, option
 from rlcd.text import code_block, md_inline, terminal_safe
+from rlcd.version import __version__
 
 PPO_PANELS = [  # log.jsonl key, panel title
     ("reward_mean", "reward (reward_mean)"),
