@@ -509,3 +509,10 @@ def test_report_to_wandb_logs_every_step_offline(tiny_model_dir, tiny_rm, tmp_pa
     rows = [row for row in run["history"] if "ppo/score_mean" in row]
     assert [row["_step"] for row in rows] == [1, 2, 3]
     assert [row["ppo/score_mean"] for row in rows] == pytest.approx([s["score_mean"] for s in log])
+
+
+def test_learning_rate_warms_up_over_a_tenth_of_a_short_run_and_decays_to_zero():
+    assert [ppo.lr_factor(s, 80) for s in (0, 4)] == [0.2, 1.0 * (1 - 4 / 80)]  # 5 warm-up steps from 50 steps on
+    assert [round(ppo.lr_factor(s, 4), 3) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]  # a 4-step run starts at its peak
+    assert ppo.lr_factor(0, 20) == 0.5 and ppo.lr_factor(1, 20) == 1 - 1 / 20  # 2 warm-up steps
+    assert ppo.lr_factor(80, 80) == 0.0

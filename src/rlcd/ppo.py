@@ -25,7 +25,7 @@ implements. `PPO.rollout` runs parts 1-6 in order, each filling its fields of on
 6. estimate_advantages [Advantages and losses]: GAE (gamma = lambda = 1 by default) with the value model's estimates, whitened.
 7. train and losses [Advantages and losses; Optimizer]: --epochs passes over the rollouts in minibatches of --minibatch-size (gradient
    accumulation over --micro-batch-size rows), clipped policy loss + --vf-coef * clipped value loss,
-   one AdamW over policy and value parameters, gradient-norm clip, 5 warmup steps then linear decay.
+   one AdamW over policy and value parameters, gradient-norm clip, warm-up over min(5, steps/10) steps (at least 1), then linear decay to 0.
 
 Models: the policy and reference start from --policy; with --lora the policy is LoRA adapters
 and the reference is the same model with its adapters switched off (so a 7B policy fits one GPU).
@@ -63,7 +63,7 @@ from rlcd.reward_model import format_rm_input, load_reward_model, score_texts
 from rlcd.seeds import DEFAULT_SEED, sample_seed
 from rlcd.training import TrackingOptions, require_tracker
 
-WARMUP_STEPS = 5
+WARMUP_STEPS = 5  # at most: a run of fewer than 50 steps warms up over a tenth of them (at least one)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -115,6 +115,12 @@ def ppo_losses(logprobs, old_logprobs, advantages, values, old_values, returns, 
     vf = 0.5 * torch.max((values - returns) ** 2, (v_clipped - returns) ** 2)
     clipped = ((ratio - 1).abs() > clip).float()
     return (pg * mask).sum(), (vf * mask).sum(), (clipped * mask).sum()
+
+
+def lr_factor(step: int, total: int) -> float:
+    """The learning rate of PPO step `step` (from 0) of `total`, as a fraction of the peak: warm-up, then linear decay."""
+    warmup = min(WARMUP_STEPS, max(1, total // 10))
+    return min(1.0, (step + 1) / warmup) * max(0.0, 1 - step / total)
 
 
 class KLController:
@@ -344,12 +350,7 @@ class PPO:
         self.engine = make_rollout_engine(args.engine, self.policy, self.tokenizer, args.generation_batch_size)
         params = [p for m in (self.policy, self.value) for p in m.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
-        total = args.steps
-
-        def schedule(step: int) -> float:  # per PPO step: warm-up, then linear decay to 0 over the run
-            return min(1.0, (step + 1) / WARMUP_STEPS) * max(0.0, 1 - step / total)
-
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, args.steps))
         self.kl = KLController(args.kl, args.kl_target, args.kl_horizon)
         self.step = 0
         self.checkpointed = checkpointed_layers(self.policy, self.value.backbone) if args.gradient_checkpointing else []
@@ -831,7 +832,7 @@ class PpoConfig(TrackingOptions):
     kl: float = option(0.002, "KL penalty coefficient beta (docs/method.md §6: 0.002 or 0.004)")
     kl_target: float | None = option(None, "adaptive KL: target KL per sequence (fixed beta when absent)")
     kl_horizon: int = option(10000, "adaptive KL: horizon of the update rule, in rollouts", type=positive_int)
-    learning_rate: float = option(1e-5, "AdamW learning rate (5 warmup steps, then linear decay)")
+    learning_rate: float = option(1e-5, "AdamW peak learning rate (warm-up over min(5, steps/10) steps, at least 1, then linear decay)")
     max_grad_norm: float = option(1.0, "clip the gradient norm of each optimizer step to this")
     clip_range: float = option(0.2, "PPO clip range of the policy ratio")
     clip_range_value: float = option(0.2, "clip range of the value model's change")
