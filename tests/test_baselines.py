@@ -432,6 +432,23 @@ def test_training_args_from_a_config_file_or_json_reach_the_trainer(tmp_path, ta
     assert args.training_args == {"gradient_checkpointing": True, "adam_epsilon": 1e-6}
 
 
+def test_gradient_checkpointing_is_set_by_the_flag_or_training_args_under_either_transformers_name(tmp_path, table):
+    import warnings
+
+    from trl import SFTConfig
+
+    from rlcd.cli import parse
+    from rlcd.reward import training_config
+
+    base = ["sft", "--data", str(table), "--out-dir", str(tmp_path / "o")]
+    for extra, on in (([], False), (["--gradient-checkpointing"], True), (["--training-args", '{"gradient_checkpointing": true}'], True)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)  # the renamed fields warn that they go in transformers 6
+            trl = training_config(SFTConfig, parse(base + extra), tmp_path / "checkpoints", bf16=False)
+        assert trl.gradient_checkpointing is on and getattr(trl, "activation_checkpointing", on) is on  # TRL's own default is on
+        assert (trl.gradient_checkpointing_kwargs or {}).get("use_reentrant", False) is False
+
+
 @pytest.mark.parametrize("value, message", [
     ('{"learning_rat": 1}', "unknown TrainingArguments key 'learning_rat'"),
     ('{"output_dir": "x"}', "'output_dir' is rlcd's to set"),

@@ -35,6 +35,12 @@ def training_config(config_cls, args: argparse.Namespace, checkpoint_dir: Path, 
     # transformers 5 folded warmup_ratio into warmup_steps (a fraction when < 1); 4.x still has it
     names = {f.name for f in fields(config_cls)}
     warmup = {"warmup_ratio": WARMUP_FRACTION} if "warmup_ratio" in names else {"warmup_steps": WARMUP_FRACTION}
+    # transformers 5.2x renamed gradient_checkpointing* to activation_checkpointing* (old names warn, removed in v6)
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    passed = dict(args.training_args or {})
+    for old in ("gradient_checkpointing", "gradient_checkpointing_kwargs"):  # a --training-args file with the old names
+        if old in passed and checkpointing != "gradient_checkpointing":
+            passed[old.replace("gradient", "activation", 1)] = passed.pop(old)
     if args.report_to == "tensorboard":  # beside the model: the Trainer's default, checkpoints/runs, goes when training ends
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(checkpoint_dir.parent / "tensorboard")
     if args.report_to == "wandb":
@@ -50,8 +56,8 @@ def training_config(config_cls, args: argparse.Namespace, checkpoint_dir: Path, 
         weight_decay=0.0,
         **warmup,
         bf16=bf16,  # set explicitly: TRL's configs default to bf16 even where the device has none
-        gradient_checkpointing=args.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
+        **{checkpointing: args.gradient_checkpointing,
+           f"{checkpointing}_kwargs": {"use_reentrant": False} if args.gradient_checkpointing else None},
         logging_steps=LOGGING_STEPS,
         logging_first_step=True,
         save_strategy="steps" if args.save_steps else "no",
@@ -64,7 +70,7 @@ def training_config(config_cls, args: argparse.Namespace, checkpoint_dir: Path, 
         data_seed=args.seed,
         **extra,
     )
-    settings.update(args.training_args or {})  # --training-args last: they override what the flags set
+    settings.update(passed)  # --training-args last: they override what the flags set
     try:
         return config_cls(**settings)
     except (TypeError, ValueError) as e:
