@@ -116,7 +116,10 @@ def test_full_run_has_every_section_table_and_plot(tmp_path, capsys):
     assert "| simulate | rlcd | done | 1 h 02 min | 1 |" in md and "| total |  |  | 1 h 03 min |  |" in md
     assert "| rlcd-ppo | 12 | 0.600 | 0.750 | 3.750 | 47.500 |" in md  # means of steps 3..12
     assert "| base | 3 | 1.3 | 5.3 | -0.200 | 0.300 |" in md  # the scored file stands in for base.json
-    assert "| rlaif-ppo | 3 | 1.3 | 5.3 | — | — |" in md
+    assert "| rlaif-ppo | 3 | 1.3 | 5.3 | — | — | — |" in md
+    # paired by prompt against base: 1.5 - -0.5, 0.8 - 0.1, 1.1 - -0.2
+    assert r"| base | 3 | 1.3 | 5.3 | -0.200 | 0.300 | — |" in md
+    assert r"| rlcd-ppo | 3 | 102.3 | 409.3 | 1.133 | 0.351 | +1.333 \[+0.700, +2.000], 3 prompts |" in md
     assert "base.scored.json" not in md and ".manifest" not in md  # manifests beside artifacts are not systems
     # the example outputs are escaped text, long ones collapsed
     assert "<script>" not in page and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; &lt;/details&gt;" in page
@@ -149,6 +152,24 @@ def test_win_rates_show_the_judges_agreement_and_an_uninformative_judge_is_not_a
     assert r"50.0% \[50.0, 50.0]" not in md and "50.0% [50.0, 50.0]" not in page and "not a result" in page
     # the plot has a bar for the two informative comparisons only (base, then dpo: files in name order)
     assert bars == [(0, 0.625), (1, 0.7)]
+
+
+def test_the_score_difference_to_base_pairs_outputs_by_prompt_and_needs_base(tmp_path, capsys):
+    run = make_run(tmp_path / "run", {"outputs"})
+    items = outputs(["a", "b", "c"], [0.0, 1.0, 2.0])
+    for n, item in enumerate(items):
+        item["index"] = [7, 3, 5][n]  # prompt 7 has no base output
+    base = outputs(["x", "y", "z", "w"], [0.5, 0.25, 0.0, 0.0])
+    for n, item in enumerate(base):
+        item["index"] = [3, 5, 1, 2][n]
+    write(run / "outputs/rlcd-ppo.scored.json", items)
+    write(run / "outputs/base.scored.json", base)
+    md = report(capsys, str(run))[2]
+    assert r"| rlcd-ppo | 3 | 1.0 | 4.0 | 1.000 | 1.000 | +1.125 \[+0.500, +1.750], 2 prompts |" in md  # 1.0 - 0.5, 2.0 - 0.25
+    (run / "outputs/base.scored.json").unlink()
+    (run / "outputs/base.json").unlink()
+    md = report(capsys, str(run))[2]
+    assert "RM score − base" not in md and "| rlcd-ppo | 3 | 1.0 | 4.0 | 1.000 | 1.000 |\n" in md
 
 
 def test_only_some_inputs_give_their_sections_and_say_what_is_missing(tmp_path, capsys):

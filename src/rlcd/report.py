@@ -41,6 +41,7 @@ PPO_PANELS = [  # log.jsonl key, panel title
     ("response_length", "response length, tokens (response_length)"),
 ]
 LAST_STEPS = 10  # the PPO table averages this many last steps: single steps are noisy
+REFERENCE_SYSTEM = "base"  # the pipeline's name for the starting model's outputs (rlcd pipeline's `systems: {base: {}}`)
 COLLAPSE_CHARS = 600  # longer example texts are collapsed under <details>
 
 
@@ -426,7 +427,23 @@ def section_compare(run: Run, image: str) -> list:
     ]
 
 
+def paired_score_difference(items: list[dict], reference: list[dict]) -> str:
+    """Mean RM score minus the reference system's on the same prompts, with a 95% bootstrap interval over prompts."""
+    from rlcd.evaluation import bootstrap_ci
+
+    def key(it):
+        return it.get("index", it["instruction"])
+
+    theirs = {key(it): it["score"] for it in reference if "score" in it}
+    diffs = [it["score"] - theirs[key(it)] for it in items if "score" in it and key(it) in theirs]
+    if len(diffs) < 2:
+        return "—"
+    lo, hi = bootstrap_ci(diffs, seed=0)
+    return f"{statistics.fmean(diffs):+.3f} [{lo:+.3f}, {hi:+.3f}], {len(diffs)} prompts"
+
+
 def section_outputs(run: Run, image: str | None) -> list:
+    reference = run.outputs.get(REFERENCE_SYSTEM)
     rows = []
     for system, items in run.outputs.items():
         tokens = [it.get("num_tokens") for it in items]
@@ -434,8 +451,17 @@ def section_outputs(run: Run, image: str | None) -> list:
         rows.append([system, str(len(items)), f"{statistics.fmean(len(it['output'].split()) for it in items):.1f}",
                      f"{statistics.fmean(tokens):.1f}" if all(_is_number(t) for t in tokens) else "—",
                      _num(statistics.fmean(scores)) if scores else "—",
-                     _num(statistics.stdev(scores)) if len(scores) > 1 else "—"])
-    blocks = [("table", ["system", "outputs", "mean words", "mean generated tokens", "mean RM score", "RM score std"], rows)]
+                     _num(statistics.stdev(scores)) if len(scores) > 1 else "—"]
+                    + ([paired_score_difference(items, reference) if system != REFERENCE_SYSTEM else "—"] if reference else []))
+    header = ["system", "outputs", "mean words", "mean generated tokens", "mean RM score", "RM score std"]
+    if reference:
+        header.append(f"RM score − {REFERENCE_SYSTEM} [95% CI] (same prompts)")
+    blocks = [("table", header, rows)]
+    if reference:
+        blocks.append(("p", f"RM score − {REFERENCE_SYSTEM}: the mean, over the prompts both systems answered, of the reward model's "
+                            f"score of the system's output minus its score of the starting model's ({REFERENCE_SYSTEM}) output "
+                            "on the same prompt; the interval is a bootstrap over prompts. It measures how far training raised "
+                            "the reward model's score on the evaluation prompts, not quality."))
     if image:
         blocks.append(("img", image, "Reward-model score distribution per system"))
     return blocks
