@@ -363,29 +363,30 @@ def test_generate_over_the_real_server(server, tmp_path, capsys):
 @pytest.mark.slow
 def test_generate_over_two_real_servers_one_killed_mid_run(server, tmp_path_factory, tmp_path, capsys):
     """Two llama-cpp-python servers of the same model: `rlcd generate` spreads its prompts over both, the second
-    is killed after two completions, and the rest finish on the first. The outputs are those of the first server
+    is killed after its first completion (early: under load the first server may answer most prompts, and the
+    second must still fail two attempts to leave the rotation), and the rest finish on the first. The outputs are those of the first server
     alone: llama-cpp-python honours each prompt's seed wherever it lands."""
     started: list = []
     second_server = running_llama_server(tmp_path_factory, started)
     second = next(second_server)
     proc, log = started[0]
 
-    def kill_after_two_completions():
+    def kill_after_first_completion():
         deadline = time.monotonic() + 300
-        while log.read_text().count("POST /v1/completions") < 2 and proc.poll() is None and time.monotonic() < deadline:
+        while log.read_text().count("POST /v1/completions") < 1 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         proc.kill()
 
     argv = ["generate", "--backend", "openai", "--api-model", MODEL, "--prompts", str(EXAMPLES), "--max-instances", "8",
             "--max-new-tokens", "24", "--concurrency", "1", "--max-retries", "1"]
-    killer = threading.Thread(target=kill_after_two_completions, daemon=True)
+    killer = threading.Thread(target=kill_after_first_completion, daemon=True)
     try:
         killer.start()
         main([*argv, "--base-url", f"{server},{second}", "--out-file", str(tmp_path / "two.json")])
         killer.join()
     finally:
         second_server.close()
-    assert log.read_text().count("POST /v1/completions") >= 2
+    assert log.read_text().count("POST /v1/completions") >= 1
     assert f"{second}: out of rotation for 60 s" in capsys.readouterr().err
     main([*argv, "--base-url", server, "--out-file", str(tmp_path / "one.json")])
     two, one = (json.loads((tmp_path / name).read_text()) for name in ("two.json", "one.json"))
