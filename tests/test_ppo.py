@@ -516,3 +516,32 @@ def test_learning_rate_warms_up_over_a_tenth_of_a_short_run_and_decays_to_zero()
     assert [round(ppo.lr_factor(s, 4), 3) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]  # a 4-step run starts at its peak
     assert ppo.lr_factor(0, 20) == 0.5 and ppo.lr_factor(1, 20) == 1 - 1 / 20  # 2 warm-up steps
     assert ppo.lr_factor(80, 80) == 0.0
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_compare_reference_scores_the_starting_policy_on_the_step_prompts_and_seeds(lora, tiny_model_dir, tiny_rm, tmp_path,
+                                                                                     monkeypatch):
+    """The real engine: --compare-reference logs, at every step, exactly the score the starting policy gets on that
+    step's prompts and seeds (a run that never moves, lr 1e-12, samples it), and score_gain is the policy's score minus it."""
+    monkeypatch.setattr(ppo, "end_of_response", lambda text, eos, accept_eos: text)  # the random model never ends: score it all
+    extra = ["--max-new-tokens", "12", *(["--lora", "--lora-r", "4"] if lora else [])]
+    still = ppo_cli(tmp_path / "still", tiny_model_dir, tiny_rm, *extra, "--learning-rate", "1e-12")
+    log = ppo_cli(tmp_path / "moving", tiny_model_dir, tiny_rm, *extra, "--learning-rate", "3e-2", "--compare-reference")
+    assert [s["reference_score_mean"] for s in log] == pytest.approx([s["score_mean"] for s in still], abs=1e-6)
+    assert [s["score_gain"] for s in log] == pytest.approx([s["score_mean"] - s["reference_score_mean"] for s in log])
+    assert log[0]["score_gain"] == pytest.approx(0, abs=1e-6)  # step 1 samples before any update
+    assert any(abs(s["score_gain"]) > 1e-6 for s in log[1:])  # the policy moved (a random reward model: gains of ~1e-5)
+    assert all(s["time_reference"] >= 0 for s in log) and "score_gain" not in still[0]
+
+
+def test_compare_reference_with_lora_refuses_the_fast_engine_on_a_gpu_in_one_line(tiny_model_dir, tiny_rm, tmp_path, monkeypatch,
+                                                                                   capsys):
+    from rlcd.engines.fast import FastEngine
+
+    on_gpu = object.__new__(FastEngine)  # what --engine fast builds on a GPU: a captured graph keeps the adapters on
+    on_gpu.on_cuda = True
+    monkeypatch.setattr(ppo, "make_rollout_engine", lambda kind, policy, tokenizer, batch: on_gpu)
+    with pytest.raises(SystemExit):
+        ppo_cli(tmp_path, tiny_model_dir, tiny_rm, "--lora", "--compare-reference")
+    err = capsys.readouterr().err
+    assert "--compare-reference with --lora on a GPU needs --engine hf" in err and "Traceback" not in err

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_untrusted_text import CONTROL, hostile, markdown_parser, one_line, text_of  # hostile text, and reading Markdown back
 
+from rlcd import report as report_mod
 from rlcd.cli import main
 from rlcd.text import terminal_safe
 
@@ -404,3 +405,23 @@ def test_untrusted_text_stays_text_in_report_md_html_and_stderr(texts, names):
     # stderr: one line per skipped input, with no control character a terminal would act on
     lines = stderr.getvalue().splitlines()
     assert len(lines) == len(loaded.skipped) and all(line.startswith("skipped ") and not CONTROL.search(line) for line in lines)
+
+
+def test_a_ppo_run_with_compare_reference_gets_the_gain_panel_and_column(tmp_path, capsys):
+    """`rlcd ppo --compare-reference` logs score_gain: the report plots it and averages it; a run without it shows —."""
+    run = make_run(tmp_path / "run")
+    steps = [json.loads(line) for line in ppo_log(12, 0.1).splitlines()]
+    lines = [{**s, "reference_score_mean": -0.2, "score_gain": s["score_mean"] + 0.2} for s in steps]
+    write(run / "policy/rlcd-ppo/log.jsonl", "".join(json.dumps(s) + "\n" for s in lines))
+    plain_png = tmp_path / "plain.png"
+    report_mod.plot_ppo({"rlaif-ppo": steps}, {"rlaif-ppo": "#000000"}, plain_png)
+    _, page, md = report(capsys, str(run))
+    assert "| system | last step | reward | RM score | KL | response tokens | RM score − starting policy |" in md
+    assert "| rlcd-ppo | 12 | 0.600 | 0.750 | 3.750 | 47.500 | 0.950 |" in md  # means of steps 3..12
+    assert "| rlaif-ppo | 8 |" in md and md.split("| rlaif-ppo | 8 |")[1].split("\n")[0].endswith("| — |")
+    assert "same prompts with the same sampling seeds" in md and "--compare-reference" in page
+
+    def height(png: Path) -> int:
+        return int.from_bytes(png.read_bytes()[20:24], "big")  # the PNG header's IHDR height
+
+    assert height(run / "report" / "ppo_curves.png") > height(plain_png)  # a third row of panels

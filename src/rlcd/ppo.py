@@ -23,6 +23,10 @@ implements. `PPO.rollout` runs parts 1-6 in order, each filling its fields of on
    `scores` divides only the scores by their std before shaping (this package's earlier default);
    `none` scales nothing.
 6. estimate_advantages [Advantages and losses]: GAE (gamma = lambda = 1 by default) with the value model's estimates, whitened.
+With --compare-reference each step also samples its prompts from the reference (the starting policy) with the
+same seeds and scores them: `reference_score_mean`, and `score_gain` = score_mean minus it. The two share the
+prompt draw and the sampling noise, so score_gain shows what the updates did where score_mean alone follows
+which prompts a step drew (docs/results.md: 8 rollouts a step hide a gain of 0.2 that this shows).
 7. train and losses [Advantages and losses; Optimizer]: --epochs passes over the rollouts in minibatches of --minibatch-size (gradient
    accumulation over --micro-batch-size rows), clipped policy loss + --vf-coef * clipped value loss,
    one AdamW over policy and value parameters, gradient-norm clip, warm-up over min(5, steps/10) steps (at least 1), then linear decay to 0.
@@ -348,6 +352,7 @@ class PPO:
         self.policy, self.reference, self.value, self.rm, self.tokenizer, self.rm_tokenizer = build_models(args, device)
         self.pad_id = self.tokenizer.pad_token_id
         self.engine = make_rollout_engine(args.engine, self.policy, self.tokenizer, args.generation_batch_size)
+        self.reference_engine = self.reference_rollout_engine() if args.compare_reference else None
         params = [p for m in (self.policy, self.value) for p in m.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=args.learning_rate, eps=1e-5, weight_decay=0.0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, args.steps))
@@ -372,6 +377,19 @@ class PPO:
     def reference_context(self):
         return self.policy.disable_adapter() if self.args.lora else nullcontext()
 
+    def reference_rollout_engine(self):
+        """The engine that samples the reference for --compare-reference: with --lora the policy's own engine run with
+        the adapters off, which an eager forward honours and the fast engine's CUDA graph would not."""
+        a = self.args
+        if not a.lora:
+            return make_rollout_engine(a.engine, self.reference, self.tokenizer, a.generation_batch_size)
+        from rlcd.engines.fast import FastEngine
+
+        if isinstance(self.engine, FastEngine) and self.engine.on_cuda:
+            raise UserError("--compare-reference with --lora on a GPU needs --engine hf (the fast engine's captured CUDA graph "
+                            "cannot switch the adapters off)")
+        return self.engine
+
     # -- the steps of docs/method.md §6, in order --------------------------------------------------
 
     @torch.no_grad()
@@ -385,6 +403,9 @@ class PPO:
         t2 = time.time()
         self.evaluate(rollouts)
         rollouts = self.gather(rollouts)
+        t3 = time.time()
+        reference_score = self.reference_score(step) if self.reference_engine is not None else None
+        t4 = time.time()
         mask = response_mask(rollouts)
         raw = torch.tensor([r.score for r in rollouts], dtype=torch.float32)
         rewards, kl = self.shaped_rewards(rollouts, raw, mask)
@@ -403,13 +424,24 @@ class PPO:
             "missing_marker_frac": 1 - sum(r.ended for r in rollouts) / n,
             "time_rollout": round(t1 - t0, 3),
             "time_score": round(t2 - t1, 3),
-            "time_forward": round(time.time() - t2, 3),
+            "time_forward": round(time.time() - t2 - (t4 - t3), 3),
         }
+        if reference_score is not None:
+            stats.update(reference_score_mean=reference_score, score_gain=float(raw.mean()) - reference_score, time_reference=round(t4 - t3, 3))
         return rollouts, stats
 
-    def sample(self, step: int) -> list[Rollout]:
+    @torch.no_grad()
+    def reference_score(self, step: int) -> float:
+        """--compare-reference: the mean score of the reference's responses to this step's prompts, sampled with the
+        policy's seeds."""
+        with self.reference_context():
+            rollouts = self.sample(step, self.reference_engine)
+        self.score(rollouts)
+        return sum(r.score for r in self.gather(rollouts)) / self.args.rollouts
+
+    def sample(self, step: int, engine=None) -> list[Rollout]:
         """Rollouts: this process's share of the step's prompts (every world-th), each with one response sampled from
-        the current policy at --temperature, no top-k/top-p, seeded by (--seed, prompt, step)."""
+        the current policy (or what `engine` holds) at --temperature, no top-k/top-p, seeded by (--seed, prompt, step)."""
         a = self.args
         positions = range(self.rank, a.rollouts, self.world)
         step_prompts = self.step_prompts(step)
@@ -417,7 +449,7 @@ class PPO:
         params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=0, top_p=1.0,
                                 stop=(dialogue.END_MARKER,) if a.stop_at_marker else ())
         seeds = [sample_seed(a.seed, index, f"ppo{step}", k) for k, (index, _, _) in zip(positions, chosen)]
-        completions = self.engine.generate([p for _, p, _ in chosen], params, seeds)
+        completions = (engine or self.engine).generate([p for _, p, _ in chosen], params, seeds)
         rollouts = []
         for k, (index, prompt, prompt_ids), c in zip(positions, chosen, completions):
             # the end-of-sequence token the engine sampled, not tokenizer.eos_token_id: the engine stops on any of
@@ -856,6 +888,10 @@ class PpoConfig(TrackingOptions):
     lora_r: int = option(16, "LoRA rank", type=positive_int)
     lora_alpha: int = option(32, "LoRA scaling alpha", type=positive_int)
     engine: str = option("auto", "rollout engine (auto: fast on GPU)", choices=("auto", "fast", "hf"))
+    compare_reference: bool = option(False, "each step also samples its prompts from the reference with the same seeds and logs "
+                                     "reference_score_mean and score_gain (the policy's score minus it): a curve that cancels the "
+                                     "prompt draw and sampling noise, for one more generation and scoring a step (default: off; "
+                                     "with --lora on a GPU it needs --engine hf)")
     dtype: str = option("auto", "dtype of the reward model and, with --lora, of the frozen weights of policy and value model "
                         "(auto: bf16 on GPU)", choices=("auto", "float32", "bfloat16", "float16"))
     device: str | None = option(None, "default: cuda if available, else cpu")

@@ -40,6 +40,7 @@ PPO_PANELS = [  # log.jsonl key, panel title
     ("kl", "KL to the reference, summed per sequence (kl)"),
     ("response_length", "response length, tokens (response_length)"),
 ]
+GAIN_PANEL = ("score_gain", "RM score minus the starting policy's on the same prompts and seeds (score_gain)")  # rlcd ppo --compare-reference
 LAST_STEPS = 10  # the PPO table averages this many last steps: single steps are noisy
 REFERENCE_SYSTEM = "base"  # the pipeline's name for the starting model's outputs (rlcd pipeline's `systems: {base: {}}`)
 COLLAPSE_CHARS = 600  # longer example texts are collapsed under <details>
@@ -260,15 +261,28 @@ def _save(fig, path: Path) -> None:
         raise
 
 
+def ppo_panels(logs: dict[str, list[dict]]) -> list[tuple[str, str]]:
+    """The four panels, and score_gain where a run logged it (--compare-reference)."""
+    gain = any(_is_number(r.get(GAIN_PANEL[0])) for steps in logs.values() for r in steps)
+    return PPO_PANELS + [GAIN_PANEL] * gain
+
+
 def plot_ppo(logs: dict[str, list[dict]], colors: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 7), layout="constrained")
-    for ax, (key, title) in zip(fig.subplots(2, 2).flat, PPO_PANELS):
+    panels = ppo_panels(logs)
+    rows = math.ceil(len(panels) / 2)
+    fig = Figure(figsize=(11, 3.5 * rows), layout="constrained")
+    axes = list(fig.subplots(rows, 2).flat)
+    for ax in axes[len(panels):]:
+        ax.set_axis_off()
+    for ax, (key, title) in zip(axes, panels):
         for system, steps in logs.items():
             points = [(r["step"], r[key]) for r in steps if _is_number(r.get(key))]
             if points:
                 ax.plot(*zip(*points), label=system, color=colors[system], marker="." if len(points) < 30 else None)
+        if key == GAIN_PANEL[0]:
+            ax.axhline(0, color="black", linewidth=1)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("PPO step")
         ax.grid(alpha=0.3)
@@ -381,14 +395,20 @@ def section_rm(run: Run) -> list:
 
 def section_ppo(run: Run, image: str) -> list:
     rows = []
+    panels = ppo_panels(run.logs)
     for system, steps in run.logs.items():
         tail = steps[-LAST_STEPS:]
-        means = [statistics.fmean(v) if (v := [r[k] for r in tail if _is_number(r.get(k))]) else None for k, _ in PPO_PANELS]
+        means = [statistics.fmean(v) if (v := [r[k] for r in tail if _is_number(r.get(k))]) else None for k, _ in panels]
         rows.append([system, str(steps[-1]["step"]), *[_num(m) for m in means]])
+    gain = len(panels) > len(PPO_PANELS)
+    note = (" RM score − starting policy: the step's mean score minus that of the starting policy's responses to the same "
+            "prompts with the same sampling seeds (`rlcd ppo --compare-reference`), which cancels the luck of the draw that "
+            "makes a short run's RM score curve noisy." if gain else "")
     return [
-        ("img", image, "PPO reward, reward-model score, KL and response length per step"),
-        ("p", f"Means over the last {LAST_STEPS} logged steps."),
-        ("table", ["system", "last step", "reward", "RM score", "KL", "response tokens"], rows),
+        ("img", image, "PPO reward, reward-model score, KL and response length per step" + (", and the score's gain over the "
+                                                                                             "starting policy" if gain else "")),
+        ("p", f"Means over the last {LAST_STEPS} logged steps.{note}"),
+        ("table", ["system", "last step", "reward", "RM score", "KL", "response tokens", *["RM score − starting policy"] * gain], rows),
     ]
 
 
