@@ -333,9 +333,10 @@ def demo_config() -> dict:
                      "batch-size": 128},
         "train-rm": {"epochs": 1, "batch-size": 8, "gradient-accumulation-steps": 1, "learning-rate": 3e-5, "eval-pairs": 0},
         "eval-rm": {"batch-size": 16, "num-pairs": 160},
-        "systems": {"base": {}, "rlcd-ppo": {"stage": "ppo", "reward-model": "rlcd", "lora": True, "steps": 4, "rollouts": 8,
-                                              "minibatch-size": 8, "micro-batch-size": 8, "max-new-tokens": 32,
-                                              "accept-eos": True, "save-every": 4}},
+        # 4 optimizer steps per PPO step at a LoRA learning rate; --compare-reference: a curve that shows learning at 8 rollouts a step
+        "systems": {"base": {}, "rlcd-ppo": {"stage": "ppo", "reward-model": "rlcd", "lora": True, "steps": 6, "rollouts": 8,
+                                              "minibatch-size": 8, "micro-batch-size": 8, "epochs": 4, "learning-rate": 3e-4,
+                                              "max-new-tokens": 32, "accept-eos": True, "compare-reference": True, "save-every": 6}},
         "format-prompts": {"split": "all"},
         "generate": {"max-new-tokens": 48, "max-instances": 12},
         "compare": {"judge": "hf:smollm2", "against": "rlcd-ppo", "prompt-format": "harmless", "agreement-split": "all",
