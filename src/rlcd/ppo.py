@@ -23,13 +23,14 @@ implements. `PPO.rollout` runs parts 1-6 in order, each filling its fields of on
    `scores` divides only the scores by their std before shaping (this package's earlier default);
    `none` scales nothing.
 6. estimate_advantages [Advantages and losses]: GAE (gamma = lambda = 1 by default) with the value model's estimates, whitened.
+7. train and losses [Advantages and losses; Optimizer]: --epochs passes over the rollouts in minibatches of --minibatch-size (gradient
+   accumulation over --micro-batch-size rows), clipped policy loss + --vf-coef * clipped value loss,
+   one AdamW over policy and value parameters, gradient-norm clip, warm-up over min(5, steps/10) steps (at least 1), then linear decay to 0.
+
 With --compare-reference each step also samples its prompts from the reference (the starting policy) with the
 same seeds and scores them: `reference_score_mean`, and `score_gain` = score_mean minus it. The two share the
 prompt draw and the sampling noise, so score_gain shows what the updates did where score_mean alone follows
 which prompts a step drew (docs/results.md: 8 rollouts a step hide a gain of 0.2 that this shows).
-7. train and losses [Advantages and losses; Optimizer]: --epochs passes over the rollouts in minibatches of --minibatch-size (gradient
-   accumulation over --micro-batch-size rows), clipped policy loss + --vf-coef * clipped value loss,
-   one AdamW over policy and value parameters, gradient-norm clip, warm-up over min(5, steps/10) steps (at least 1), then linear decay to 0.
 
 Models: the policy and reference start from --policy; with --lora the policy is LoRA adapters
 and the reference is the same model with its adapters switched off (so a 7B policy fits one GPU).
