@@ -520,7 +520,7 @@ def test_learning_rate_warms_up_over_a_tenth_of_a_short_run_and_decays_to_zero()
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_compare_reference_scores_the_starting_policy_on_the_step_prompts_and_seeds(lora, tiny_model_dir, tiny_rm, tmp_path,
-                                                                                     monkeypatch):
+                                                                                     monkeypatch, capsys):
     """The real engine: --compare-reference logs, at every step, exactly the score the starting policy gets on that
     step's prompts and seeds (a run that never moves, lr 1e-12, samples it), and score_gain is the policy's score minus it."""
     monkeypatch.setattr(ppo, "end_of_response", lambda text, eos, accept_eos: text)  # the random model never ends: score it all
@@ -532,6 +532,8 @@ def test_compare_reference_scores_the_starting_policy_on_the_step_prompts_and_se
     assert log[0]["score_gain"] == pytest.approx(0, abs=1e-6)  # step 1 samples before any update
     assert any(abs(s["score_gain"]) > 1e-6 for s in log[1:])  # the policy moved (a random reward model: gains of ~1e-5)
     assert all(s["time_reference"] >= 0 for s in log) and "score_gain" not in still[0]
+    out = capsys.readouterr().out
+    assert f"step 3/3: score {log[2]['score_mean']:.3f} ({log[2]['score_gain']:+.3f} over the starting policy), kl" in out
 
 
 def test_compare_reference_with_lora_refuses_the_fast_engine_on_a_gpu_in_one_line(tiny_model_dir, tiny_rm, tmp_path, monkeypatch,

@@ -779,7 +779,8 @@ def run(args: PpoConfig) -> None:
                 continue
             append_lines(log, [stats])
             track(stats)
-            print(f"step {stats['step']}/{args.steps}: score {stats['score_mean']:.3f}, kl {stats['kl']:.3f}, "
+            gain = f" ({stats['score_gain']:+.3f} over the starting policy)" if "score_gain" in stats else ""
+            print(f"step {stats['step']}/{args.steps}: score {stats['score_mean']:.3f}{gain}, kl {stats['kl']:.3f}, "
                   f"len {stats['response_length']:.0f}, no-marker {stats['missing_marker_frac']:.2f}, "
                   f"{stats['time_step']:.1f}s (rollout {stats['time_rollout']:.1f}s)", flush=True)
             if ppo.step % args.save_every == 0 or ppo.step == args.steps:
