@@ -404,9 +404,6 @@ class PPO:
         t2 = time.time()
         self.evaluate(rollouts)
         rollouts = self.gather(rollouts)
-        t3 = time.time()
-        reference_score = self.reference_score(step) if self.reference_engine is not None else None
-        t4 = time.time()
         mask = response_mask(rollouts)
         raw = torch.tensor([r.score for r in rollouts], dtype=torch.float32)
         rewards, kl = self.shaped_rewards(rollouts, raw, mask)
@@ -425,10 +422,12 @@ class PPO:
             "missing_marker_frac": 1 - sum(r.ended for r in rollouts) / n,
             "time_rollout": round(t1 - t0, 3),
             "time_score": round(t2 - t1, 3),
-            "time_forward": round(time.time() - t2 - (t4 - t3), 3),
+            "time_forward": round(time.time() - t2, 3),
         }
-        if reference_score is not None:
-            stats.update(reference_score_mean=reference_score, score_gain=float(raw.mean()) - reference_score, time_reference=round(t4 - t3, 3))
+        if self.reference_engine is not None:
+            t3 = time.time()
+            reference = self.reference_score(step)
+            stats.update(reference_score_mean=reference, score_gain=stats["score_mean"] - reference, time_reference=round(time.time() - t3, 3))
         return rollouts, stats
 
     @torch.no_grad()
