@@ -209,7 +209,7 @@ def measure_levers(shape: str, lora: bool, rollouts: int, max_new: int, micro: i
     eos_rate.fill_(3 / max_new)
     first = trainer([])
     t = time.time()
-    fixed = first.sample(0)
+    fixed = first.sample([0])[0]
     first.score(fixed)
     eos_rate.fill_(0)
     print(f"  sampled and scored {rollouts} rollouts in {time.time() - t:.1f}s, mean length "

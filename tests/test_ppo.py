@@ -209,7 +209,7 @@ def test_the_steps_of_a_rollout_fill_one_typed_rollout_per_response(tiny_model_d
     prompts, _ = ppo.load_ppo_prompts(args.prompts, ppo.load_tokenizer_for(args), args.max_prompt_tokens)
     trainer = ppo.PPO(args, prompts, "cpu")
     # docs/method.md §6, step by step, as PPO.rollout runs them
-    rollouts = trainer.sample(0)
+    rollouts = trainer.sample([0])[0]
     assert [r.k for r in rollouts] == [0, 1, 2, 3] and all(r.logprobs is None for r in rollouts)
     trainer.score(rollouts)
     assert {r.score for r in rollouts if not r.ended} == {-1.0} and any(r.ended for r in rollouts)
@@ -522,9 +522,10 @@ def test_learning_rate_warms_up_over_a_tenth_of_a_short_run_and_decays_to_zero()
 def test_compare_reference_scores_the_starting_policy_on_the_step_prompts_and_seeds(lora, tiny_model_dir, tiny_rm, tmp_path,
                                                                                      monkeypatch, capsys):
     """The real engine: --compare-reference logs, at every step, exactly the score the starting policy gets on that
-    step's prompts and seeds (a run that never moves, lr 1e-12, samples it), and score_gain is the policy's score minus it."""
+    step's prompts and seeds (a run that never moves, lr 1e-12, samples it), and score_gain is the policy's score minus it.
+    The reference's samples of several steps are drawn in one call: all 3 steps (full), steps 1-2 then 3 (LoRA, 16 rows)."""
     monkeypatch.setattr(ppo, "end_of_response", lambda text, eos, accept_eos: text)  # the random model never ends: score it all
-    extra = ["--max-new-tokens", "12", *(["--lora", "--lora-r", "4"] if lora else [])]
+    extra = ["--max-new-tokens", "12", *(["--lora", "--lora-r", "4", "--generation-batch-size", "16"] if lora else [])]
     still = ppo_cli(tmp_path / "still", tiny_model_dir, tiny_rm, *extra, "--learning-rate", "1e-12")
     log = ppo_cli(tmp_path / "moving", tiny_model_dir, tiny_rm, *extra, "--learning-rate", "3e-2", "--compare-reference")
     assert [s["reference_score_mean"] for s in log] == pytest.approx([s["score_mean"] for s in still], abs=1e-6)
