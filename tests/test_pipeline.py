@@ -44,12 +44,12 @@ def test_demo_plan_runs_every_stage_in_order(tmp_path):
                      "compare/base-vs-rlcd-ppo", "report"]
     stages = {s.name: s for s in pipeline.plan(demo(), tmp_path)}
     ppo = stages["ppo/rlcd-ppo"]
-    assert ppo.argv[:2] == ["ppo", "--prompts"] and "--resume" in ppo.argv and ppo.argv[ppo.argv.index("--steps") + 1] == "6"
+    assert ppo.argv[:2] == ["ppo", "--prompts"] and "--resume" in ppo.argv and ppo.argv[ppo.argv.index("--steps") + 1] == "5"
     assert "--compare-reference" in ppo.argv  # the demo's PPO curve of the gain over the starting policy
     assert str(tmp_path / "rm" / "rlcd") in ppo.argv
     # the judge is measured on the labelled pairs first, and compare is given that measurement
     measured = stages["judge-agreement"]
-    assert measured.argv[measured.argv.index("--judge") + 1] == "hf:smollm2" and measured.argv[measured.argv.index("--num-pairs") + 1] == "120"
+    assert measured.argv[measured.argv.index("--judge") + 1] == "hf:smollm2" and measured.argv[measured.argv.index("--num-pairs") + 1] == "80"
     compare = stages["compare/base-vs-rlcd-ppo"]
     assert "judge-agreement" in compare.deps and compare.argv[compare.argv.index("--judge-agreement") + 1] == str(measured.output)
 

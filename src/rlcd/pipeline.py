@@ -329,18 +329,19 @@ def demo_config() -> dict:
         "prompts-file": str(data / "harmless_prompts.jsonl"),
         "test-file": str(data / "demo_pairs.jsonl"),
         # chat prompts: the instruct model ends its turn with EOS (raw prompts rarely reach a new Human turn)
-        "simulate": {"methods": ["rlcd"], "prompt-style": "chat", "max-prompts": 80, "max-new-tokens": 96, "max-attempts": 2,
-                     "batch-size": 128},
+        "simulate": {"methods": ["rlcd"], "prompt-style": "chat", "max-prompts": 72, "max-new-tokens": 96, "max-attempts": 2,
+                     "batch-size": 128, "engine": "fast"},
         "train-rm": {"epochs": 1, "batch-size": 8, "gradient-accumulation-steps": 1, "learning-rate": 3e-5, "eval-pairs": 0},
-        "eval-rm": {"batch-size": 16, "num-pairs": 160},
+        "eval-rm": {"batch-size": 16, "num-pairs": 120},
         # 4 optimizer steps per PPO step at a LoRA learning rate; --compare-reference: a curve that shows learning at 8 rollouts a step
-        "systems": {"base": {}, "rlcd-ppo": {"stage": "ppo", "reward-model": "rlcd", "lora": True, "steps": 6, "rollouts": 8,
-                                              "minibatch-size": 8, "micro-batch-size": 8, "epochs": 4, "learning-rate": 3e-4,
-                                              "max-new-tokens": 32, "accept-eos": True, "compare-reference": True, "save-every": 6}},
+        "systems": {"base": {}, "rlcd-ppo": {"stage": "ppo", "reward-model": "rlcd", "lora": True, "steps": 5, "rollouts": 8,
+                                              "minibatch-size": 4, "micro-batch-size": 4, "forward-batch-size": 4, "sort-by-length": True,
+                                              "epochs": 2, "learning-rate": 3e-4, "max-new-tokens": 32, "accept-eos": True,
+                                              "compare-reference": True, "save-every": 5}},
         "format-prompts": {"split": "all"},
         "generate": {"max-new-tokens": 48, "max-instances": 12},
         "compare": {"judge": "hf:smollm2", "against": "rlcd-ppo", "prompt-format": "harmless", "agreement-split": "all",
-                    "agreement-pairs": 120},
+                    "agreement-pairs": 80},
     }
 
 
