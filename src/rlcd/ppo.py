@@ -454,7 +454,10 @@ class PPO:
         no top-k/top-p, seeded by (--seed, prompt, step)."""
         a = self.args
         positions = range(self.rank, a.rollouts, self.world)
-        requests = [(step, k, self.step_prompts(step)[k]) for step in steps for k in positions]
+        requests = []  # (step, position in its batch, prompt)
+        for step in steps:
+            prompts = self.step_prompts(step)
+            requests += [(step, k, prompts[k]) for k in positions]
         params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=0, top_p=1.0,
                                 stop=(dialogue.END_MARKER,) if a.stop_at_marker else ())
         seeds = [sample_seed(a.seed, index, f"ppo{step}", k) for step, k, (index, _, _) in requests]
