@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlcd.engines import SamplingParams
+from rlcd.engines import SamplingParams, sampling
 from rlcd.engines.hf import HFEngine
 from rlcd.engines.sampling import sample, uniform
 from rlcd.models import load_causal_lm
@@ -97,6 +97,18 @@ def test_sampler_draws_from_softmax_with_top_k_and_top_p():
     hot = freq(temperature=2.0, top_k=0, top_p=1.0)
     assert torch.allclose(hot, (logits[0] / 2).softmax(-1), atol=0.015)
     assert (sample(rows[:5], seeds[:5], 0, temperature=0, top_k=0, top_p=1.0) == 0).all()
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=1.0, top_k=0, top_p=1.0), dict(temperature=0.7, top_k=5, top_p=1.0),
+                                dict(temperature=1.0, top_k=0, top_p=0.9)])
+def test_cpu_draws_a_few_rows_at_a_time_and_gets_the_same_tokens(monkeypatch, kw):
+    logits, seeds = torch.randn(11, 64) * 3, torch.arange(11) * 7919 + 5
+    for step in (4, torch.arange(11) + 2):
+        whole = sample(logits, seeds, step, **kw)
+        monkeypatch.setattr(sampling, "CPU_CHUNK", 3 * 64)  # chunks of 3 rows: 3 + 3 + 3 + 2
+        assert torch.equal(sample(logits, seeds, step, **kw), whole)
+        monkeypatch.undo()
+    assert len(set(whole.tolist())) > 3  # the rows differ: a draw that ignored its row would fail above
 
 
 def test_uniforms_are_uniform_and_keyed_by_seed_step_token():

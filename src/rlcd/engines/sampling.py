@@ -43,8 +43,20 @@ def uniform(seeds: torch.Tensor, step: int, token_ids: torch.Tensor) -> torch.Te
     return (_shr(z, 40).to(torch.float32) + 0.5) / float(1 << 24)
 
 
-def sample(logits: torch.Tensor, seeds: torch.Tensor, step: int, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Draw one token per row of `logits` [B, V]; returns token ids [B]."""
+CPU_CHUNK = 1 << 18  # logits drawn together on CPU: the [rows, V] int64 temporaries stay in cache (5x faster at 128 rows)
+
+
+def sample(logits: torch.Tensor, seeds: torch.Tensor, step: int | torch.Tensor, temperature: float, top_k: int,
+           top_p: float) -> torch.Tensor:
+    """Draw one token per row of `logits` [B, V]; returns token ids [B]. `step` is one int or a tensor [B]."""
+    rows = max(1, CPU_CHUNK // logits.shape[-1])
+    if logits.device.type == "cpu" and len(logits) > rows:  # each row's draw is its own: the same tokens a few rows at a time
+        steps = step.split(rows) if isinstance(step, torch.Tensor) and step.dim() else [step] * -(-len(logits) // rows)
+        return torch.cat([_sample(*chunk, temperature, top_k, top_p) for chunk in zip(logits.split(rows), seeds.split(rows), steps)])
+    return _sample(logits, seeds, step, temperature, top_k, top_p)
+
+
+def _sample(logits: torch.Tensor, seeds: torch.Tensor, step, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(-1)
