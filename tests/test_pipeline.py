@@ -133,6 +133,32 @@ def test_failed_stage_is_one_line_naming_its_log(tmp_path, monkeypatch, capsys):
     assert len(err) == 1 and "train-rm/rlcd failed" in err[0] and "logs" in err[0]
 
 
+@pytest.mark.parametrize("fork", [True, False], ids=["forked", "fresh-interpreter"])
+def test_a_stage_runs_in_a_process_of_its_own_with_its_output_in_its_log(tmp_path, monkeypatch, capsys, fork):
+    monkeypatch.setattr(pipeline, "fork_stages", lambda: True)
+    runner, pairs = pipeline.Runner(tmp_path, [], may_fork=fork), str(Path(demo()["test-file"]))
+    out = tmp_path / "prompts.json"
+    runner.launch(pipeline.Stage("format-prompts", ["format-prompts", "--data-path", pairs, "--split", "all", "--out-file",
+                                                    str(out)], out))
+    assert runner.fork is fork and json.loads(out.read_text())
+    manifest = json.loads((tmp_path / "prompts.json.manifest.json").read_text())
+    assert manifest["command"][0].endswith("__main__.py") and manifest["command"][1:3] == ["format-prompts", "--data-path"]
+    log = (tmp_path / "logs" / "format-prompts.log").read_text()
+    assert str(out) in log and ("(forked)" in log) is fork
+    assert f"  {out}" in capsys.readouterr().out  # the stage's lines, indented, on the console too
+    with pytest.raises(UserError, match=r"stage bad failed \(exit 2\): rlcd format-prompts: error: .*nowhere.jsonl.*full log"):
+        runner.launch(pipeline.Stage("bad", ["format-prompts", "--data-path", str(tmp_path / "nowhere.jsonl"), "--out-file",
+                                             str(tmp_path / "x.json")], tmp_path / "x.json"))
+    if fork:  # an unexpected exception: the traceback in the log, exit 1, and this process goes on
+        def crash(args):
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr("rlcd.generate.run", crash)
+        with pytest.raises(UserError, match=r"exit 1\): RuntimeError: boom"):
+            runner.launch(pipeline.Stage("crash", ["format-prompts", "--data-path", pairs, "--out-file", str(out)], out))
+        assert "Traceback" in (tmp_path / "logs" / "crash.log").read_text()
+
+
 def _fail_on(name):
     def launch(self, stage):
         if stage.name == name:

@@ -4,9 +4,10 @@ The config names the model, the task, the prompt files and, per stage, the flags
 own command (the same names as on its command line). The pipeline turns it into a list of
 commands — simulate, consolidate, train-rm, eval-rm per simulation method; one training command
 per system (ppo, sft, dpo, rloo; `base` is the untrained model); format-prompts, generate and
-score per system; compare for each pair; report — and runs each as its own process
-(`python -m rlcd ...`), so a stage's memory is freed before the next starts and its log stays
-in `RUN/logs/`.
+score per system; compare for each pair; report — and runs each as its own process, so a
+stage's memory is freed before the next starts and its log stays in `RUN/logs/`. On Linux
+without a GPU a stage is a fork of the pipeline's process, which has imported torch and
+transformers once; elsewhere a fresh `python -m rlcd ...`.
 
 A stage is skipped when it finished before with the same command and the same inputs: its key
 is a hash of its command line, the keys of the stages it reads from and the contents of the
@@ -17,16 +18,19 @@ setting and only the stages downstream of it run again.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, NoReturn
 
 import yaml
 
@@ -227,11 +231,12 @@ def file_digest(path: str) -> str:
 
 
 class Runner:
-    def __init__(self, run: Path, stages: list[Stage]):
-        self.run, self.stages = run, stages
+    def __init__(self, run: Path, stages: list[Stage], may_fork: bool = False):
+        self.run, self.stages, self.may_fork = run, stages, may_fork
         self.keys: dict[str, str] = {}
         self.state_path = run / "pipeline.json"
         self.records: list[dict] = []
+        self.fork: bool | None = None  # decided at the first stage that runs (fork_stages imports torch)
 
     def key(self, stage: Stage) -> str:
         parts = [stage.argv, [self.keys[d] for d in stage.deps], [file_digest(f) for f in stage.files]]
@@ -271,22 +276,22 @@ class Runner:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         print(f"[{stage.name}] rlcd {' '.join(stage.argv)}", flush=True)
         started = time.time()
+        if self.fork is None:
+            self.fork = self.may_fork and fork_stages()
         with open(log_path, "a", encoding="utf-8") as log:
-            log.write(f"\n# {now()} rlcd {' '.join(stage.argv)}\n")
+            log.write(f"\n# {now()} rlcd {' '.join(stage.argv)}{'  (forked)' if self.fork else ''}\n")
             log.flush()
-            proc = subprocess.Popen([sys.executable, "-m", "rlcd", *stage.argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, bufsize=1, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            proc = StageProcess(stage.argv, fork=self.fork)
             last = ""
             try:
-                for line in proc.stdout:
+                for line in proc.lines:
                     log.write(line)
                     if line.strip() and "it/s]" not in line and "s/it]" not in line and "Loading weights" not in line:
                         last = terminal_safe(line.rstrip(), one_line=True)  # a stage's output may quote untrusted text
                         print(f"  {last[:200]}", flush=True)
                 code = proc.wait()
             except KeyboardInterrupt:
-                proc.terminate()
-                proc.wait()
+                proc.stop()
                 raise
         if code != 0:
             self.records.append({"stage": stage.name.split("/")[0], "name": stage.name, "status": "failed",
@@ -297,6 +302,87 @@ class Runner:
         return time.time() - started
 
 
+def fork_stages() -> bool:
+    """Whether stages run as forks of this process: on Linux without a GPU. torch and transformers are then imported
+    once, here, instead of once a stage (about 5 s each on 2 cores). Elsewhere each stage is a fresh `python -m rlcd`:
+    a process forked after CUDA started cannot use it, and macOS does not support every fork. This process must run
+    no torch operation before a fork (a child of a process whose OpenMP threads started can hang): the `rlcd`
+    command only plans, hashes and relays output, and `run` allows forks only when torch was not imported before."""
+    if sys.platform != "linux":
+        return False
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    import transformers  # noqa: F401 - imported for the stages
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: F401
+    return True
+
+
+class StageProcess:
+    """`rlcd ARGV` in a process of its own (forked from this one, or a fresh interpreter); its stdout and stderr,
+    merged, are `lines`. Its memory is freed when it ends, whichever way it starts."""
+
+    def __init__(self, argv: list[str], fork: bool):
+        if not fork:
+            self.popen = subprocess.Popen([sys.executable, "-m", "rlcd", *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          text=True, bufsize=1, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            self.lines = self.popen.stdout
+            return
+        self.popen = None
+        read, write = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.pid = os.fork()
+        if self.pid == 0:
+            os.close(read)
+            _run_forked(argv, write)
+        os.close(write)
+        self.lines = open(read, encoding="utf-8", errors="replace")
+
+    def wait(self) -> int:
+        if self.popen is not None:
+            return self.popen.wait()
+        self.lines.close()
+        return os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+
+    def stop(self) -> None:
+        if self.popen is not None:
+            self.popen.terminate()
+        else:
+            os.kill(self.pid, signal.SIGTERM)
+        self.wait()
+
+
+def _run_forked(argv: list[str], out: int) -> NoReturn:
+    """In the forked child: `rlcd ARGV` as `python -m rlcd ARGV` would run it, output to `out`; never returns."""
+    code = 1
+    try:
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        os.close(out)
+        sys.stdout = open(1, "w", encoding="utf-8", errors="backslashreplace", buffering=1, closefd=False)
+        sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", buffering=1, closefd=False)
+        sys.argv = [str(Path(__file__).with_name("__main__.py")), *argv]  # what manifests record, as with `python -m rlcd`
+        from rlcd.cli import main
+
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except BaseException:  # noqa: BLE001 - what the interpreter would print before exiting with 1
+        traceback.print_exc()
+    finally:
+        try:
+            atexit._run_exitfuncs()  # as at a normal exit (a tracker's run is closed, for one)
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
 def remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path)
@@ -304,14 +390,14 @@ def remove(path: Path) -> None:
         path.unlink()
 
 
-def run_pipeline(cfg: dict, where: str, run_dir: str | None) -> Path:
+def run_pipeline(cfg: dict, where: str, run_dir: str | None, may_fork: bool = False) -> Path:
     check_config(cfg, where)
     run = Path(run_dir or cfg.get("run-dir") or "runs/rlcd")
     run.mkdir(parents=True, exist_ok=True)
     stages = plan(cfg, run)
     validate(stages, cfg, where)
     atomic_write_text(run / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
-    Runner(run, stages).execute()
+    Runner(run, stages, may_fork).execute()
     return run
 
 
@@ -367,10 +453,11 @@ CONFIGS = {"pipeline": PipelineConfig, "demo": DemoConfig}
 
 def run(args: PipelineConfig | DemoConfig) -> None:
     started = time.time()
+    may_fork = "torch" not in sys.modules  # else this process (a notebook, say) may have run torch operations already
     if args.command == "pipeline":
         cfg = load_config(args.config)
-        run_dir = run_pipeline(cfg, args.config, args.run_dir)
+        run_dir = run_pipeline(cfg, args.config, args.run_dir, may_fork)
     else:
-        run_dir = run_pipeline(demo_config(), "rlcd demo", args.run_dir)
+        run_dir = run_pipeline(demo_config(), "rlcd demo", args.run_dir, may_fork)
     print(f"finished in {time.time() - started:.0f} s; report: {run_dir / 'report' / 'report.html'}")
     print(run_dir / "report" / "report.html")
