@@ -304,7 +304,7 @@ class Runner:
 
 def fork_stages() -> bool:
     """Whether stages run as forks of this process: on Linux without a GPU. torch and transformers are then imported
-    once, here, instead of once a stage (about 5 s each on 2 cores). Elsewhere each stage is a fresh `python -m rlcd`:
+    once, here, instead of once a stage (about 8 s each on 2 cores). Elsewhere each stage is a fresh `python -m rlcd`:
     a process forked after CUDA started cannot use it, and macOS does not support every fork. This process must run
     no torch operation before a fork (a child of a process whose OpenMP threads started can hang): the `rlcd`
     command only plans, hashes and relays output, and `run` allows forks only when torch was not imported before."""
@@ -314,7 +314,9 @@ def fork_stages() -> bool:
 
     if torch.cuda.is_available():
         return False
-    import transformers  # noqa: F401 - imported for the stages
+    # what a stage imports before its work starts: transformers, and what loading any model brings in
+    import transformers.masking_utils  # noqa: F401
+    import transformers.modeling_utils  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: F401
     return True
 
