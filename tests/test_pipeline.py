@@ -159,6 +159,19 @@ def test_a_stage_runs_in_a_process_of_its_own_with_its_output_in_its_log(tmp_pat
         assert "Traceback" in (tmp_path / "logs" / "crash.log").read_text()
 
 
+def test_stages_are_forked_only_when_torch_was_not_imported_before_the_pipeline(tmp_path, monkeypatch):
+    import sys
+
+    import torch  # noqa: F401 - as in a process that may have run torch operations (a notebook, say)
+
+    seen = []
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda cfg, where, run_dir, may_fork: seen.append(may_fork) or tmp_path)
+    pipeline.run(pipeline.DemoConfig(run_dir=str(tmp_path)))
+    monkeypatch.delitem(sys.modules, "torch")  # as `rlcd demo` starts: nothing has imported torch
+    pipeline.run(pipeline.DemoConfig(run_dir=str(tmp_path)))
+    assert seen == [False, True]
+
+
 def _fail_on(name):
     def launch(self, stage):
         if stage.name == name:
