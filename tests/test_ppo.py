@@ -524,10 +524,16 @@ def test_compare_reference_scores_the_starting_policy_on_the_step_prompts_and_se
     """The real engine: --compare-reference logs, at every step, exactly the score the starting policy gets on that
     step's prompts and seeds (a run that never moves, lr 1e-12, samples it), and score_gain is the policy's score minus it.
     The reference's samples of several steps are drawn in one call: all 3 steps (full), steps 1-2 then 3 (LoRA, 16 rows)."""
+    from rlcd.engines.hf import HFEngine
+
     monkeypatch.setattr(ppo, "end_of_response", lambda text, eos, accept_eos: text)  # the random model never ends: score it all
     extra = ["--max-new-tokens", "12", *(["--lora", "--lora-r", "4", "--generation-batch-size", "16"] if lora else [])]
     still = ppo_cli(tmp_path / "still", tiny_model_dir, tiny_rm, *extra, "--learning-rate", "1e-12")
+    sampled, generate = [], HFEngine.generate
+    monkeypatch.setattr(HFEngine, "generate", lambda self, prompts, *a: sampled.append(len(prompts)) or generate(self, prompts, *a))
     log = ppo_cli(tmp_path / "moving", tiny_model_dir, tiny_rm, *extra, "--learning-rate", "3e-2", "--compare-reference")
+    # the reference's 3 steps, then the policy's steps 2 and 3: step 1's rollouts are the reference's (no update yet)
+    assert sum(sampled) == 5 * 8 and sampled[-2:] == [8, 8]
     assert [s["reference_score_mean"] for s in log] == pytest.approx([s["score_mean"] for s in still], abs=1e-6)
     assert [s["score_gain"] for s in log] == pytest.approx([s["score_mean"] - s["reference_score_mean"] for s in log])
     assert log[0]["score_gain"] == pytest.approx(0, abs=1e-6)  # step 1 samples before any update

@@ -28,8 +28,8 @@ implements. `PPO.rollout` runs parts 1-6 in order, each filling its fields of on
    one AdamW over policy and value parameters, gradient-norm clip, warm-up over min(5, steps/10) steps (at least 1), then linear decay to 0.
 
 With --compare-reference each step also samples its prompts from the reference (the starting policy) with the
-same seeds and scores them (`score_reference`: several steps' samples at once): `reference_score_mean`, and
-`score_gain` = score_mean minus it. The two share the
+same seeds and scores them (`score_reference`: several steps' samples at once; step 1, before any update, takes
+them as its rollouts): `reference_score_mean`, and `score_gain` = score_mean minus it. The two share the
 prompt draw and the sampling noise, so score_gain shows what the updates did where score_mean alone follows
 which prompts a step drew (docs/results.md: 8 rollouts a step hide a gain of 0.2 that this shows).
 
@@ -399,10 +399,18 @@ class PPO:
     def rollout(self, step: int) -> tuple[list[Rollout], dict]:
         """One step's rollouts up to the losses: this process samples, scores and evaluates its share of them, then,
         with every process holding the whole batch, rewards are shaped and advantages estimated over all of it."""
+        reference_time, first = 0.0, None
+        if self.reference_engine is not None and step not in self.reference_scores:
+            t = time.time()
+            self.reference_scores, first = self.score_reference(step)
+            reference_time = time.time() - t
         t0 = time.time()
-        rollouts = self.sample([step])[0]
+        # before any update the policy is the reference (LoRA adapters start at zero): step 1's rollouts are the
+        # reference's samples of step 1, already drawn and scored
+        rollouts = first if step == 0 and first is not None else self.sample([step])[0]
         t1 = time.time()
-        self.score(rollouts)
+        if rollouts is not first:
+            self.score(rollouts)
         t2 = time.time()
         self.evaluate(rollouts)
         rollouts = self.gather(rollouts)
@@ -427,26 +435,24 @@ class PPO:
             "time_forward": round(time.time() - t2, 3),
         }
         if self.reference_engine is not None:
-            t3 = time.time()
-            if step not in self.reference_scores:
-                self.reference_scores = self.score_reference(step)
             reference = self.reference_scores[step]
-            stats.update(reference_score_mean=reference, score_gain=stats["score_mean"] - reference, time_reference=round(time.time() - t3, 3))
+            stats.update(reference_score_mean=reference, score_gain=stats["score_mean"] - reference, time_reference=round(reference_time, 3))
         return rollouts, stats
 
     @torch.no_grad()
-    def score_reference(self, first: int) -> dict[int, float]:
+    def score_reference(self, first: int) -> tuple[dict[int, float], list[Rollout]]:
         """--compare-reference: the mean score of the reference's responses to the prompts of step `first` and the
-        steps after it, sampled with the policy's seeds, by step. The reference never changes, so the samples of as
-        many steps as fill one generation batch are drawn together (6 steps of 8 rollouts on 2 CPU cores: 25 s in one
-        batch of 48 rows, 6-8 s for each batch of 8); each is the same as if drawn on its own step."""
+        steps after it, sampled with the policy's seeds, by step, and this process's scored rollouts of step `first`.
+        The reference never changes, so the samples of as many steps as fill one generation batch are drawn together
+        (6 steps of 8 rollouts on 2 CPU cores: 25 s in one batch of 48 rows, 6-8 s for each batch of 8); each is the
+        same as if drawn on its own step."""
         a = self.args
         per_batch = max(1, a.generation_batch_size * self.world // a.rollouts)
         steps = range(first, min(a.steps, first + per_batch))
         with self.reference_context():
             drawn = self.sample(list(steps), self.reference_engine)
         self.score([r for rollouts in drawn for r in rollouts])
-        return {step: sum(r.score for r in self.gather(rollouts)) / a.rollouts for step, rollouts in zip(steps, drawn)}
+        return {step: sum(r.score for r in self.gather(rollouts)) / a.rollouts for step, rollouts in zip(steps, drawn)}, drawn[0]
 
     def sample(self, steps: list[int], engine=None) -> list[list[Rollout]]:
         """Rollouts of each of these steps (one call of the engine): this process's share of the step's prompts (every
