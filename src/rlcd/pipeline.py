@@ -419,7 +419,8 @@ def demo_config() -> dict:
         # chat prompts: the instruct model ends its turn with EOS (raw prompts rarely reach a new Human turn)
         "simulate": {"methods": ["rlcd"], "prompt-style": "chat", "max-prompts": 72, "max-new-tokens": 96, "max-attempts": 2,
                      "batch-size": 128, "engine": "fast"},
-        "train-rm": {"epochs": 1, "batch-size": 8, "gradient-accumulation-steps": 1, "learning-rate": 3e-5, "eval-pairs": 0},
+        "train-rm": {"epochs": 1, "batch-size": 8, "gradient-accumulation-steps": 1, "learning-rate": 3e-5, "eval-pairs": 0,
+                     "group-by-length": True},
         "eval-rm": {"batch-size": 16, "num-pairs": 120},
         # 4 optimizer steps per PPO step at a LoRA learning rate; --compare-reference: a curve that shows learning at 8 rollouts a step
         "systems": {"base": {}, "rlcd-ppo": {"stage": "ppo", "reward-model": "rlcd", "lora": True, "steps": 5, "rollouts": 8,

@@ -162,6 +162,30 @@ class PairCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "chosen_prob": chosen_prob}
 
 
+class LengthGroupedOrder:
+    """--group-by-length: the training pairs' order for the Trainer's sampler. Sorted by the longer side, pairs are cut
+    into runs of `batch` (a micro-batch), and the full runs come in an order drawn from (seed, epoch), the short
+    remainder last, so every micro-batch is one run: similar lengths, less padding, batches still in a random order."""
+
+    def __init__(self, lengths: list[int], batch: int, seed: int):
+        self.lengths, self.batch, self.seed, self.epoch = lengths, batch, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:  # called by the Trainer's data loader at each epoch
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        import torch
+
+        order = sorted(range(len(self.lengths)), key=lambda i: -self.lengths[i])
+        full = len(order) // self.batch
+        runs = [order[k * self.batch : (k + 1) * self.batch] for k in range(full)]
+        shuffled = torch.randperm(full, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)).tolist()
+        return iter([i for k in shuffled for i in runs[k]] + order[full * self.batch :])
+
+
 def soft_label_reward_trainer():
     """TRL's RewardTrainer with a loss that takes soft targets (TRL's takes hard labels only).
 
@@ -170,6 +194,11 @@ def soft_label_reward_trainer():
     from trl import RewardTrainer
 
     class SoftLabelRewardTrainer(RewardTrainer):
+        length_grouped: LengthGroupedOrder | None = None
+
+        def _get_train_sampler(self, *args, **kwargs):
+            return self.length_grouped or super()._get_train_sampler(*args, **kwargs)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             import torch
 
@@ -273,6 +302,9 @@ def train_reward_model(args: TrainRmConfig) -> dict:
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    if args.group_by_length:
+        lengths = [max(len(c), len(r)) for c, r in zip(train_cols["chosen_ids"], train_cols["rejected_ids"])]
+        trainer.length_grouped = LengthGroupedOrder(lengths, trainer.args.per_device_train_batch_size, args.seed)
     try:
         result = trainer.train(resume_from_checkpoint=resume_from)
     finally:
@@ -485,6 +517,8 @@ class TrainRmConfig(TrainerOptions):
     gradient_accumulation_steps: int = option(4, "micro-batches per optimizer step; effective batch = batch size x this x GPUs "
                                               "(paper: 16 pairs)", type=positive_int)
     max_length: int = option(512, "tokens per input; longer ones lose their start", type=positive_int)
+    group_by_length: bool = option(False, "micro-batches of pairs of similar length, in a random order: less padding to compute "
+                                          "(the demo's pairs: 19%% fewer tokens) than random batches")
     eval_pairs: int = option(500, "pairs held out to monitor accuracy (0 for none)", type=non_negative_int)
     seed: int = option(DEFAULT_SEED, "seed for the held-out split, head initialisation and data order")
 
