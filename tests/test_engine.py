@@ -139,6 +139,31 @@ def test_letter_logprobs_of_a_bf16_model_come_from_an_fp32_projection(tiny_model
         assert lp != pytest.approx(bf16.tolist(), abs=1e-6)  # not the bf16 logits: those are coarser
 
 
+def test_a_cpu_engine_projects_to_the_vocabulary_rows_first_with_the_same_logits_and_gradients(tiny_model_dir):
+    """vocabulary_rows_first (done when an engine is built): a float32 CPU model's output projection gives nn.Linear's
+    logits and input gradients, contiguous, with the same state dict, and a deep copy projects with its own weights;
+    a bf16 model keeps nn.Linear's."""
+    import copy
+
+    model, tokenizer = load_causal_lm(tiny_model_dir, device="cpu", dtype="float32")
+    head, keys = model.get_output_embeddings(), list(model.state_dict())
+    hidden = torch.randn(2, 5, head.in_features, requires_grad=True)
+    expected = torch.nn.functional.linear(hidden, head.weight, head.bias)
+    (grad,) = torch.autograd.grad(expected.square().sum(), hidden)
+    HFEngine(model, tokenizer)
+    assert "forward" in vars(head) and list(model.state_dict()) == keys
+    logits = head(hidden)
+    assert logits.shape == expected.shape and logits.is_contiguous() and torch.allclose(logits, expected, atol=1e-5)
+    assert torch.allclose(torch.autograd.grad(logits.square().sum(), hidden)[0], grad, atol=1e-4)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.get_output_embeddings().weight.mul_(2)
+    assert torch.allclose(twin.get_output_embeddings()(hidden), 2 * head(hidden), atol=1e-5)
+    bf16, _ = load_causal_lm(tiny_model_dir, device="cpu", dtype="bfloat16")
+    HFEngine(bf16, tokenizer)
+    assert "forward" not in vars(bf16.get_output_embeddings())
+
+
 def test_auto_means_the_fast_engine_on_cuda_and_the_plain_one_elsewhere(tiny_model_dir):
     """One place decides what --engine auto means, for simulate, generate and PPO's rollouts alike."""
     from rlcd.engines import engine_kind, load_engine, make_engine

@@ -8,6 +8,7 @@ the rule of `ending.py`, which FastEngine follows too.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Sequence
 
 import torch
@@ -32,6 +33,7 @@ class HFEngine:
         self._banned_cache: dict[tuple[str, ...], torch.Tensor] = {}
         self._enders_cache: dict[tuple[str, ...], set[int]] = {}
         self.cache_key = cache_argument(model)  # the KV cache's name in forward's arguments and outputs
+        vocabulary_rows_first(model)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=True).input_ids)
@@ -154,3 +156,24 @@ class HFEngine:
             return full[-1]
         alone = self.tokenizer(candidate, add_special_tokens=False).input_ids
         return alone[0]
+
+
+
+def vocabulary_rows_first(model) -> None:
+    """On a CPU, compute a float32 model's output projection as (W @ h.T).T, the vocabulary as the matmul's rows.
+
+    `nn.Linear` computes h @ W.T, and with 49,152 vocabulary rows and few positions the CPU kernel runs 1.5-3x
+    slower that way than with W first (the default model on 2 cores: 49 -> 20 ms at 8 rows, 148 -> 99 ms at 128;
+    forward and backward). The same logits up to float rounding (the runs compared sampled the same tokens): a
+    speed-up only. The module keeps its weights and state dict; its forward is replaced on this instance, once,
+    when an engine is built on the model (PPO's updates then use it too)."""
+    head = model.get_output_embeddings()
+    if type(head) is torch.nn.Linear and head.weight.device.type == "cpu" and head.weight.dtype == torch.float32:
+        head.forward = types.MethodType(_rows_first_forward, head)
+
+
+def _rows_first_forward(self: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    logits = (self.weight @ hidden.reshape(-1, hidden.shape[-1]).T).T.contiguous()
+    if self.bias is not None:
+        logits = logits + self.bias
+    return logits.reshape(*hidden.shape[:-1], -1)
