@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlcd.engines import SamplingParams, sampling
+from rlcd.engines import SamplingParams, hf, sampling
 from rlcd.engines.hf import HFEngine
 from rlcd.engines.sampling import sample, uniform
 from rlcd.models import load_causal_lm
@@ -155,6 +155,8 @@ def test_a_cpu_engine_projects_to_the_vocabulary_rows_first_with_the_same_logits
     logits = head(hidden)
     assert logits.shape == expected.shape and logits.is_contiguous() and torch.allclose(logits, expected, atol=1e-5)
     assert torch.allclose(torch.autograd.grad(logits.square().sum(), hidden)[0], grad, atol=1e-4)
+    many = torch.randn(hf.VOCAB_FIRST_ROWS + 1, head.in_features)  # past the bound: nn.Linear's own product
+    assert torch.equal(head(many), torch.nn.functional.linear(many, head.weight, head.bias))
     twin = copy.deepcopy(model)
     with torch.no_grad():
         twin.get_output_embeddings().weight.mul_(2)

@@ -159,12 +159,19 @@ class HFEngine:
 
 
 
-def vocabulary_rows_first(model) -> None:
-    """On a CPU, compute a float32 model's output projection as (W @ h.T).T, the vocabulary as the matmul's rows.
 
-    `nn.Linear` computes h @ W.T, and with 49,152 vocabulary rows and few positions the CPU kernel runs 1.5-3x
-    slower that way than with W first (the default model on 2 cores: 49 -> 20 ms at 8 rows, 148 -> 99 ms at 128;
-    forward and backward). The same logits up to float rounding (the runs compared sampled the same tokens): a
+VOCAB_FIRST_ROWS = 128
+"""Most positions projected vocabulary-first; more go through nn.Linear (benchmarks/vocab_projection.py: at 128 rows
+the two ways are about even, from 256 on nn.Linear is as fast or faster)."""
+
+
+def vocabulary_rows_first(model) -> None:
+    """On a CPU, compute a float32 model's output projection as (W @ h.T).T, the vocabulary as the matmul's rows,
+    for up to VOCAB_FIRST_ROWS positions at a time (a decode step, a PPO micro-batch's response tokens).
+
+    `nn.Linear` computes h @ W.T, and with 49,152 vocabulary rows and few positions the CPU kernel runs it slower
+    (the default model's shape on 2 cores, benchmarks/vocab_projection.py: 61 -> 25 ms at 8 rows, 157 -> 123 ms at
+    112; forward and backward 96 -> 61 and 258 -> 210 ms). The same logits up to float rounding (the runs compared sampled the same tokens): a
     speed-up only. The module keeps its weights and state dict; its forward is replaced on this instance, once,
     when an engine is built on the model (PPO's updates then use it too)."""
     head = model.get_output_embeddings()
@@ -173,7 +180,10 @@ def vocabulary_rows_first(model) -> None:
 
 
 def _rows_first_forward(self: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
-    logits = (self.weight @ hidden.reshape(-1, hidden.shape[-1]).T).T.contiguous()
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    if len(flat) > VOCAB_FIRST_ROWS:
+        return torch.nn.functional.linear(hidden, self.weight, self.bias)
+    logits = (self.weight @ flat.T).T.contiguous()
     if self.bias is not None:
         logits = logits + self.bias
     return logits.reshape(*hidden.shape[:-1], -1)
