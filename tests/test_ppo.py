@@ -181,6 +181,17 @@ def make_args(tiny_model_dir, tiny_rm, tmp_path, *extra):
         ["ppo", "--prompts", str(EXAMPLES), "--reward-model", tiny_rm, "--policy", tiny_model_dir, "--out-dir", str(tmp_path), *SMALL, *extra])
 
 
+def test_policy_and_reference_project_to_the_vocabulary_the_same_way(tiny_model_dir, tiny_rm, tmp_path):
+    """The rollout engine sets the policy's output projection up vocabulary-first on CPU (engines/hf.py); the reference
+    (full fine-tuning) gets the same, so both compute the same logits the same way and step 1's KL is exactly 0."""
+    args = make_args(tiny_model_dir, tiny_rm, tmp_path)
+    prompts, _ = ppo.load_ppo_prompts(args.prompts, ppo.load_tokenizer_for(args), args.max_prompt_tokens)
+    trainer = ppo.PPO(args, prompts, "cpu")
+    heads = [trainer.policy.get_output_embeddings(), trainer.reference.get_output_embeddings()]
+    forwards = [vars(head).get("forward") for head in heads]  # set on the instance, in place of nn.Linear's
+    assert None not in forwards and forwards[0].__func__ is forwards[1].__func__
+
+
 def test_reward_sits_on_the_last_response_token_and_missing_marker_gets_minus_one(tiny_model_dir, tiny_rm, tmp_path):
     args = make_args(tiny_model_dir, tiny_rm, tmp_path, "--no-scale-rewards", "--kl", "0", "--rollouts", "4")
     prompts, _ = ppo.load_ppo_prompts(args.prompts, ppo.load_tokenizer_for(args), args.max_prompt_tokens)

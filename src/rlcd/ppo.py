@@ -354,6 +354,10 @@ class PPO:
         self.policy, self.reference, self.value, self.rm, self.tokenizer, self.rm_tokenizer = build_models(args, device)
         self.pad_id = self.tokenizer.pad_token_id
         self.engine = make_rollout_engine(args.engine, self.policy, self.tokenizer, args.generation_batch_size)
+        if self.reference is not None:  # the projection the engine gave the policy: the same arithmetic, so step 1's KL is 0
+            from rlcd.engines.hf import vocabulary_rows_first
+
+            vocabulary_rows_first(self.reference)
         self.reference_engine = self.reference_rollout_engine() if args.compare_reference else None
         self.reference_scores: dict[int, float] = {}  # --compare-reference: the reference's mean score by step
         params = [p for m in (self.policy, self.value) for p in m.parameters() if p.requires_grad]
