@@ -165,7 +165,9 @@ class PairCollator:
 class LengthGroupedOrder:
     """--group-by-length: the training pairs' order for the Trainer's sampler. Sorted by the longer side, pairs are cut
     into runs of `batch` (a micro-batch), and the full runs come in an order drawn from (seed, epoch), the short
-    remainder last, so every micro-batch is one run: similar lengths, less padding, batches still in a random order."""
+    remainder last, so every micro-batch is one run: similar lengths, less padding, batches still in a random order.
+    (transformers' LengthGroupedSampler sorts within megabatches of 50 batches, which for a set this small means
+    longest first, in the same order every epoch, and its switch is named differently across transformers 5.x.)"""
 
     def __init__(self, lengths: list[int], batch: int, seed: int):
         self.lengths, self.batch, self.seed, self.epoch = lengths, batch, seed, 0

@@ -158,8 +158,6 @@ class HFEngine:
         return alone[0]
 
 
-
-
 VOCAB_FIRST_ROWS = 128
 """Most positions projected vocabulary-first; more go through nn.Linear (benchmarks/vocab_projection.py: at 128 rows
 the two ways are about even, from 256 on nn.Linear is as fast or faster)."""
@@ -171,9 +169,9 @@ def vocabulary_rows_first(model) -> None:
 
     `nn.Linear` computes h @ W.T, and with 49,152 vocabulary rows and few positions the CPU kernel runs it slower
     (the default model's shape on 2 cores, benchmarks/vocab_projection.py: 61 -> 25 ms at 8 rows, 157 -> 123 ms at
-    112; forward and backward 96 -> 61 and 258 -> 210 ms). The same logits up to float rounding (the runs compared sampled the same tokens): a
-    speed-up only. The module keeps its weights and state dict; its forward is replaced on this instance, once,
-    when an engine is built on the model (PPO's updates then use it too)."""
+    112; forward and backward 96 -> 61 and 258 -> 210 ms). The same logits up to float rounding (the runs compared
+    sampled the same tokens): a speed-up only. The module keeps its weights and state dict; its forward is replaced
+    on this instance when an engine is built on the model (PPO's updates then use it too)."""
     head = model.get_output_embeddings()
     if type(head) is torch.nn.Linear and head.weight.device.type == "cpu" and head.weight.dtype == torch.float32:
         head.forward = types.MethodType(_rows_first_forward, head)
