@@ -360,8 +360,9 @@ def test_rewards_that_vary_move_the_policy_away_from_the_reference(tiny_model_di
     assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), base.state_dict().values()))
 
 
-def test_resume_after_interrupt_continues_exactly(tiny_model_dir, tiny_rm, tmp_path, monkeypatch, seeded_engine):
-    whole = ppo_cli(tmp_path / "whole", tiny_model_dir, tiny_rm)
+@pytest.mark.parametrize("extra", [[], ["--shared-value-head"]])
+def test_resume_after_interrupt_continues_exactly(extra, tiny_model_dir, tiny_rm, tmp_path, monkeypatch, seeded_engine):
+    whole = ppo_cli(tmp_path / "whole", tiny_model_dir, tiny_rm, *extra)
 
     real_step = ppo.PPO.run_step
 
@@ -372,11 +373,11 @@ def test_resume_after_interrupt_continues_exactly(tiny_model_dir, tiny_rm, tmp_p
 
     monkeypatch.setattr(ppo.PPO, "run_step", crash_at_step_3)
     with pytest.raises(SystemExit):
-        ppo_cli(tmp_path / "cut", tiny_model_dir, tiny_rm)
+        ppo_cli(tmp_path / "cut", tiny_model_dir, tiny_rm, *extra)
     monkeypatch.setattr(ppo.PPO, "run_step", real_step)
     with pytest.raises(UserError, match="--resume"):
-        ppo.run(make_args(tiny_model_dir, tiny_rm, tmp_path / "cut"))
-    resumed = ppo_cli(tmp_path / "cut", tiny_model_dir, tiny_rm, "--resume")
+        ppo.run(make_args(tiny_model_dir, tiny_rm, tmp_path / "cut", *extra))
+    resumed = ppo_cli(tmp_path / "cut", tiny_model_dir, tiny_rm, "--resume", *extra)
 
     def strip(log):
         return [{k: v for k, v in s.items() if k not in TIMES} for s in log]
@@ -413,8 +414,40 @@ def test_lora_reference_is_the_base_model_and_final_checkpoint_is_merged(tiny_mo
         assert torch.allclose(ppo.response_logits(merged, batch, 1.0), adapted, atol=1e-4)
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_shared_value_head_reads_the_policy_and_its_value_loss_trains_the_policy(lora, tiny_model_dir, tiny_rm, tmp_path, monkeypatch):
+    """--shared-value-head: the value model is a head on the policy's last hidden states (no copy of the reward model
+    is loaded for it), so the value loss alone moves the policy's weights; with a separate value model it does not."""
+    loads = []
+    real_load = ppo.load_reward_model
+    monkeypatch.setattr(ppo, "load_reward_model", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    grads = {}
+    for shared in (False, True):
+        loads.clear()
+        extra = (["--lora", "--lora-r", "4"] if lora else []) + (["--shared-value-head"] if shared else [])
+        args = make_args(tiny_model_dir, tiny_rm, tmp_path, *extra)
+        prompts, _ = ppo.load_ppo_prompts(args.prompts, ppo.load_tokenizer_for(args), args.max_prompt_tokens)
+        trainer = ppo.PPO(args, prompts, "cpu")
+        assert len(loads) == (1 if shared else 2)  # the reward model; and the value model's start unless shared
+        if shared:
+            assert trainer.value.backbone is None and set(ppo.trainable_state(trainer.value)) == {"head.weight", "head.bias"}
+        torch.manual_seed(0)
+        torch.nn.init.normal_(trainer.value.head.weight)  # a head that reads something (it starts at zero)
+        batch = ppo.collate([{"prompt_ids": prompts[0][2], "response_ids": [5, 6, 7]}], trainer.pad_id, "cpu")
+        logits, values = trainer.forward(batch)
+        assert torch.allclose(logits, ppo.response_logits(trainer.policy, batch, 1.0))
+        if shared:
+            hidden = ppo.gather_positions(ppo.last_hidden(trainer.policy, batch), batch)
+            assert torch.allclose(values, trainer.value.head(hidden).squeeze(-1))
+        values.sum().backward()
+        grads[shared] = [p.grad for p in trainer.policy.parameters() if p.requires_grad]
+    assert all(g is None for g in grads[False])
+    assert any(g is not None and g.abs().sum() > 0 for g in grads[True])
+
+
 def test_absurd_settings_are_refused_with_one_line(tiny_model_dir, tiny_rm, tmp_path, capsys):
-    for flags, needle in ((["--kl", "-0.1"], "--kl"), (["--minibatch-size", "64"], "--minibatch-size"), (["--rollouts", "0"], "--rollouts")):
+    for flags, needle in ((["--kl", "-0.1"], "--kl"), (["--minibatch-size", "64"], "--minibatch-size"), (["--rollouts", "0"], "--rollouts"),
+                          (["--shared-value-head", "--value-model", tiny_rm], "exclude each other")):
         with pytest.raises(SystemExit) as e:
             main(["ppo", "--prompts", str(EXAMPLES), "--reward-model", tiny_rm, "--policy", tiny_model_dir,
                   "--out-dir", str(tmp_path), *SMALL, *flags])
@@ -444,7 +477,7 @@ def test_batched_response_logprobs_equal_one_row_at_a_time(tiny_model_dir):
 
 
 @pytest.mark.parametrize("base, option", [([], "--gradient-checkpointing"), (["--lora", "--lora-r", "4"], "--gradient-checkpointing"),
-                                          ([], "--sort-by-length")])
+                                          (["--shared-value-head"], "--gradient-checkpointing"), ([], "--sort-by-length")])
 def test_each_training_speed_option_gives_the_same_losses_and_update(base, option, tiny_model_dir, tiny_rm, tmp_path, seeded_engine,
                                                                     monkeypatch):
     """The options change only how the work is batched or what is kept for the backward pass: one step (rollouts, losses,

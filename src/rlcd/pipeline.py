@@ -422,11 +422,12 @@ def demo_config() -> dict:
         "train-rm": {"epochs": 1, "batch-size": 8, "gradient-accumulation-steps": 1, "learning-rate": 3e-5, "eval-pairs": 0,
                      "group-by-length": True},
         "eval-rm": {"batch-size": 16, "num-pairs": 120},
-        # 4 optimizer steps per PPO step at a LoRA learning rate; --compare-reference: a curve that shows learning at 8 rollouts a step
+        # 4 optimizer steps per PPO step at a LoRA learning rate; --compare-reference: a curve that shows learning at 8 rollouts a step;
+        # --shared-value-head: one forward and backward of the policy serve both losses (PPO 162 s against 241 s, the same curve)
         "systems": {"base": {}, "rlcd-ppo": {"stage": "ppo", "reward-model": "rlcd", "lora": True, "steps": 5, "rollouts": 8,
                                               "minibatch-size": 4, "micro-batch-size": 4, "forward-batch-size": 4, "sort-by-length": True,
                                               "epochs": 2, "learning-rate": 3e-4, "max-new-tokens": 32, "accept-eos": True,
-                                              "compare-reference": True, "save-every": 5}},
+                                              "compare-reference": True, "shared-value-head": True, "save-every": 5}},
         "format-prompts": {"split": "all"},
         "generate": {"max-new-tokens": 48, "max-instances": 12},
         "compare": {"judge": "hf:smollm2", "against": "rlcd-ppo", "prompt-format": "harmless", "agreement-split": "all",

@@ -36,7 +36,8 @@ which prompts a step drew (docs/results.md: 8 rollouts a step hide a gain of 0.2
 Models: the policy and reference start from --policy; with --lora the policy is LoRA adapters
 and the reference is the same model with its adapters switched off (so a 7B policy fits one GPU).
 The value model is the reward model's backbone with a new zero-initialised head (LoRA on the
-backbone with --lora). The reward model stays frozen.
+backbone with --lora); with --shared-value-head it is only that head, on the policy's own last hidden states,
+so one forward (and backward) of the policy serves both losses. The reward model stays frozen.
 
 Outputs in --out-dir: `log.jsonl` (one line per step), `checkpoints/step-N/` every --save-every
 steps, the last --save-total-limit of them kept (--resume continues from the last one exactly: same
@@ -147,7 +148,8 @@ class KLController:
 
 
 class ValueModel(torch.nn.Module):
-    """A transformer backbone (the reward model's) with a zero-initialised scalar head on every position."""
+    """A transformer backbone (the reward model's) with a zero-initialised scalar head on every position; without a
+    backbone (--shared-value-head) the head reads the policy's hidden states (`PPO.forward`)."""
 
     def __init__(self, backbone, hidden_size: int):
         super().__init__()
@@ -185,6 +187,16 @@ def build_models(args, device: str):
         raise UserError(f"--policy {args.policy}: cannot load ({str(e).splitlines()[0]})") from None
     rm, rm_tokenizer = load_reward_model(args.reward_model, device=device, dtype=args.dtype, flag="--reward-model")
     rm.requires_grad_(False)
+    if args.lora:
+        from peft import get_peft_model
+
+        policy = get_peft_model(policy, lora_config(args, "CAUSAL_LM"))
+    else:
+        reference.requires_grad_(False).eval()
+    policy.eval()  # no dropout anywhere: rollouts, old log-probs and updates see the same function
+    if args.shared_value_head:
+        value = ValueModel(None, policy.config.hidden_size).to(device)
+        return policy, reference, value, rm, tokenizer, rm_tokenizer
     critic, _ = load_reward_model(args.value_model or args.reward_model, device=device, dtype="float32" if not args.lora else args.dtype,
                                   flag="--value-model")
     backbone = critic.base_model
@@ -195,12 +207,8 @@ def build_models(args, device: str):
     if args.lora:
         from peft import get_peft_model
 
-        policy = get_peft_model(policy, lora_config(args, "CAUSAL_LM"))
         backbone = get_peft_model(backbone, lora_config(args))
-    else:
-        reference.requires_grad_(False).eval()
     value = ValueModel(backbone, critic.config.hidden_size).to(device)
-    policy.eval()  # no dropout anywhere: rollouts, old log-probs and updates see the same function
     value.eval()
     return policy, reference, value, rm, tokenizer, rm_tokenizer
 
@@ -314,8 +322,16 @@ def response_logits(model, batch: dict, temperature: float) -> torch.Tensor:
 
     Divided by the sampling temperature, so their log-softmax is the distribution the rollouts were drawn from.
     """
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+    return project(model, last_hidden(model, batch), batch, temperature)
+
+
+def last_hidden(model, batch: dict) -> torch.Tensor:
+    """The causal LM's last hidden states [b, T, H] (before the vocabulary projection)."""
+    return model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+
+
+def project(model, hidden: torch.Tensor, batch: dict, temperature: float) -> torch.Tensor:
     return model.get_output_embeddings()(gather_positions(hidden, batch)).float() / temperature
 
 
@@ -365,7 +381,8 @@ class PPO:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, args.steps))
         self.kl = KLController(args.kl, args.kl_target, args.kl_horizon)
         self.step = 0
-        self.checkpointed = checkpointed_layers(self.policy, self.value.backbone) if args.gradient_checkpointing else []
+        models = [m for m in (self.policy, self.value.backbone) if m is not None]
+        self.checkpointed = checkpointed_layers(*models) if args.gradient_checkpointing else []
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") and args.dtype != "float32" else nullcontext()
 
     # -- which prompts a step uses: a pure function of (seed, step), so resume repeats nothing -----------
@@ -493,20 +510,29 @@ class PPO:
         for (r, _), score in zip(ended, score_texts(self.rm, self.rm_tokenizer, texts, a.forward_batch_size)):
             r.score, r.ended = score, True
 
+    def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The current policy's tempered logits [b, R, V] and the value model's values [b, R] at the response tokens;
+        with --shared-value-head from one forward of the policy."""
+        hidden = last_hidden(self.policy, batch)
+        logits = project(self.policy, hidden, batch, self.args.temperature)
+        if self.value.backbone is None:
+            head = self.value.head
+            return logits, head(gather_positions(hidden, batch).to(head.weight.dtype)).squeeze(-1).float()
+        return logits, response_values(self.value, batch)
+
     def evaluate(self, rollouts: list[Rollout]) -> None:
         """Old (sampling) log-probs and entropy under the policy, reference log-probs and values: a forward batch at a time."""
         a = self.args
         for part in batches(rollouts, a.forward_batch_size, a.sort_by_length):
             batch = collate(part, self.pad_id, self.device)
             with self.autocast:
-                logits = response_logits(self.policy, batch, a.temperature)
+                logits, values = self.forward(batch)
                 logprobs = token_logprobs(logits, batch["response_ids"])
                 entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
                 del logits
                 with self.reference_context():
                     reference = self.policy if self.reference is None else self.reference
                     ref = token_logprobs(response_logits(reference, batch, a.temperature), batch["response_ids"])
-                values = response_values(self.value, batch)
             for k, r in enumerate(part):
                 n = len(r.response_ids)
                 r.logprobs, r.ref_logprobs = logprobs[k, :n].float().cpu(), ref[k, :n].float().cpu()
@@ -551,8 +577,8 @@ class PPO:
         batch = collate(part, self.pad_id, self.device)
         width = batch["width_r"]
         with self.autocast, recomputing(self.checkpointed):
-            logprobs = token_logprobs(response_logits(self.policy, batch, a.temperature), batch["response_ids"])
-            values = response_values(self.value, batch)
+            logits, values = self.forward(batch)
+            logprobs = token_logprobs(logits, batch["response_ids"])
         return ppo_losses(
             logprobs, pad_rows(part, "logprobs", width, self.device), pad_rows(part, "advantages", width, self.device),
             values, pad_rows(part, "values", width, self.device), pad_rows(part, "returns", width, self.device),
@@ -811,7 +837,7 @@ def run(args: PpoConfig) -> None:
         ppo.save_final(out_dir, artifacts.Card(
             stage="ppo", base_model=args.policy, base_path=resolve_model(args.policy), settings=public_config(args), example=prompts[0][1],
             data=[(args.prompts, f"{len(prompts)} usable prompts; skipped: {skipped or 0}"),
-                  (args.reward_model, "the reward model" + ("" if args.value_model else ", and the value model's start"))]
+                  (args.reward_model, "the reward model" + ("" if args.value_model or args.shared_value_head else ", and the value model's start"))]
             + ([(args.value_model, "the value model's start")] if args.value_model else []),
             metrics={k: last.get(k) for k in ("step", "score_mean", "reward_mean", "kl", "kl_coef", "entropy", "response_length",
                                              "missing_marker_frac")},
@@ -871,6 +897,10 @@ class PpoConfig(TrackingOptions):
     reward_model: str | None = option(None, "reward model directory written by rlcd train-rm", required=True)
     policy: str = option("smollm2", "starting policy (and frozen reference)", flags=("--model", "--policy"))
     value_model: str | None = option(None, "initialise the value model from this reward model instead of --reward-model")
+    shared_value_head: bool = option(False, "the value model is only a zero-initialised head on the policy's last hidden states, as in "
+                                     "TRL's original PPOTrainer and trlx: one forward and backward of the policy serve both losses "
+                                     "(about half the update compute of a separate value model, and no copy of the reward model), "
+                                     "and the value loss, weighted by --vf-coef, trains the policy's weights too (default: off)")
     out_dir: str | None = option(None, "directory of the log, checkpoints and the final policy", required=True)
     steps: int = option(80, "PPO steps (docs/method.md §6: 40-80)", type=positive_int)
     rollouts: int = option(512, "rollouts per PPO step", type=positive_int)
@@ -934,6 +964,8 @@ class PpoConfig(TrackingOptions):
             raise UserError(f"--learning-rate {self.learning_rate}: must be positive")
         if self.temperature <= 0:
             raise UserError(f"--temperature {self.temperature}: PPO samples from the policy; use a positive temperature")
+        if self.shared_value_head and self.value_model:
+            raise UserError("--shared-value-head and --value-model exclude each other: the shared head starts from zero on the policy")
         if self.minibatch_size > self.rollouts:
             raise UserError(f"--minibatch-size {self.minibatch_size} is larger than --rollouts {self.rollouts}")
         if not 0 < self.clip_range < 1 or self.clip_range_value <= 0:
