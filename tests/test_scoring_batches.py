@@ -111,3 +111,50 @@ def test_next_token_logprobs_equal_one_row_forwards():
             ref = model(input_ids=torch.tensor([[int(t) for t in prompt.split()]])).logits[0, -1].log_softmax(-1)
             assert lp == pytest.approx(ref[ids].tolist(), abs=1e-4)
     assert engine.next_token_logprobs([], []) == ([], [])
+
+
+def test_prompts_that_begin_alike_share_a_row_and_get_the_log_probs_of_their_own_forwards():
+    """A judge's prompts come in pairs (one conversation, two replies): each pair is one row, the shared start once,
+    each rest seeing it and not the other rest; the log-probs are those of one-prompt forwards."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config()).eval()
+    engine = HFEngine(model, IdTokenizer(), batch_size=4, token_budget=300)
+    rng = random.Random(5)
+    prompts = []
+    for _ in range(6):
+        start = [str(rng.randrange(3, 512)) for _ in range(rng.randint(16, 40))]
+        for _ in range(2):
+            prompts.append(" ".join(start + [str(rng.randrange(3, 512)) for _ in range(rng.randint(1, 12))]))
+    prompts += [prompts[0], " ".join(prompts[2].split()[:16])]  # a repeat, and a prompt that is another's start
+    prompts += random_texts(3, seed=6)  # nothing shared: rows of their own
+    rng.shuffle(prompts)
+    shapes, hook = forward_shapes(model.get_decoder())
+    try:
+        logprobs, ids = engine.next_token_logprobs(prompts, ["7", "9"])
+    finally:
+        hook.remove()
+    check_batches(shapes, max_rows=4, budget=300)
+    assert sum(rows for rows, _ in shapes) <= len(prompts) - 6  # each conversation's replies (or the repeat) packed
+    with torch.no_grad():
+        for prompt, lp in zip(prompts, logprobs):
+            ref = model(input_ids=torch.tensor([[int(t) for t in prompt.split()]])).logits[0, -1].log_softmax(-1)
+            assert lp == pytest.approx(ref[ids].tolist(), abs=1e-4)
+
+
+def test_shared_prefix_rows_group_neighbours_with_a_long_common_start():
+    from rlcd.engines.hf import MAX_SHARING, MIN_SHARED_TOKENS, shared_prefix_rows
+
+    start = list(range(100, 100 + MIN_SHARED_TOKENS))
+    assert len(shared_prefix_rows([start[:-1] + [9], start + [1]])) == 2  # one token too few in common
+    [row] = shared_prefix_rows([start + [1], start])  # the start itself: the row shares one token less, so a rest is left
+    assert row.prefix == start[:-1] and row.rests == [start[-1:], start[-1:] + [1]] and row.prompts == [1, 0] and row.length == 18
+    [row] = shared_prefix_rows([start + [1], start + [1]])  # a repeat
+    assert row.prefix == start and row.rests == [[1], [1]]
+    many = shared_prefix_rows([start + [k] for k in range(MAX_SHARING + 1)])
+    assert [len(r.prompts) for r in many] == [MAX_SHARING, 1]
+    # a prompt that shares only the opening neither joins nor takes a pair that shares more
+    pair = [start + list(range(300, 320)) + [k] for k in (1, 2)]
+    for alone in (start + [7], start + [400]):  # before the pair in token order, and after it
+        rows = shared_prefix_rows([alone, *pair])
+        assert sorted(sorted(r.prompts) for r in rows) == [[0], [1, 2]]
+        assert next(r for r in rows if len(r.prompts) == 2).prefix == pair[0][:-1]
