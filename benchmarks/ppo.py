@@ -13,14 +13,16 @@ Per setting: a few PPO steps through `rlcd.ppo.PPO` (the first one includes comp
 then the same rollout batch through plain `model.generate` (sampling, same prompts, same batch
 size, same EOS hook) for the rollout-throughput ratio.
 
---levers: the training levers of `rlcd ppo` (--sort-by-length, --gradient-checkpointing, both) against
-neither, on one rollout batch sampled and scored once: per lever, the rest of a PPO step (forward
-phase: old/ref log-probs and values; train phase: the updates) from the same weights, alternating
-the settings --repeats times; seconds, the peak memory the step added (GPU: allocated; CPU: resident
-set, VmHWM) and the step's losses, as ratios to neither. On CPU every model is float32.
+--levers: the training levers of `rlcd ppo` (--sort-by-length, --gradient-checkpointing, both, and
+--shared-value-head, which changes the value model and so the losses too) against neither, on one
+rollout batch sampled and scored once: per lever, the rest of a PPO step (forward phase: old/ref
+log-probs and values; train phase: the updates) from the same weights, alternating the settings
+--repeats times; seconds, the peak memory the step added (GPU: allocated; CPU: resident set, VmHWM)
+and the step's losses, as ratios to neither. On CPU every model is float32.
 
     python benchmarks/ppo.py --shapes default,7b
     python benchmarks/ppo.py --levers --shapes default --rollouts 16 --micro-batch-size 4 --max-new-tokens 64
+    python benchmarks/ppo.py --levers --shapes default --rollouts 8 --micro-batch-size 4 --max-new-tokens 32 (the demo's sizes)
 """
 
 from __future__ import annotations
@@ -179,19 +181,21 @@ def run_setting(name: str, shape: str, lora: bool, rollouts: int, max_new: int, 
 
 
 LEVERS = {"neither": [], "sort-by-length": ["--sort-by-length"], "gradient-checkpointing": ["--gradient-checkpointing"],
-          "both": ["--sort-by-length", "--gradient-checkpointing"]}
+          "both": ["--sort-by-length", "--gradient-checkpointing"], "shared-value-head": ["--shared-value-head"]}
 
 
 def measure_levers(shape: str, lora: bool, rollouts: int, max_new: int, micro: int, repeats: int, device: str) -> dict:
     print(f"== levers, {shape}{' lora' if lora else ''} on {device}: building", flush=True)
     models = build(shape, lora, device)
     policy, value = models[0], models[2]
-    start = [{k: v.clone() for k, v in m.state_dict().items()} for m in (policy, value)]
+    shared = ppo.ValueModel(None, policy.config.hidden_size).to(device)  # --shared-value-head: only a head, on the policy
+    start = [{k: v.clone() for k, v in m.state_dict().items()} for m in (policy, value, shared)]
     eos_rate = torch.zeros((), device=device)
     policy.get_output_embeddings().register_forward_hook(
         lambda module, inputs, logits: logits.index_add_(-1, torch.tensor([EOS], device=logits.device),
                                                          1e4 * (torch.rand(*logits.shape[:-1], 1, device=logits.device) < eos_rate)))
-    real_build, ppo.build_models = ppo.build_models, lambda args, dev: models
+    real_build = ppo.build_models
+    ppo.build_models = lambda args, dev: (*models[:2], shared if args.shared_value_head else value, *models[3:])
     real_collate = ppo.collate
     gen = torch.Generator().manual_seed(1)
     prompts = []
@@ -220,10 +224,10 @@ def measure_levers(shape: str, lora: bool, rollouts: int, max_new: int, micro: i
     # a first step, not counted: the process's first one was slower and took more memory (first touches of the heap)
     order = [("warm-up", "neither")] + [(name, name) for rep in range(repeats) for name in list(LEVERS)[:: 1 if rep % 2 == 0 else -1]]
     for label, name in order:  # the settings in alternating order: drift falls on every setting alike
-        for m, state in zip((policy, value), start):
+        for m, state in zip((policy, value, shared), start):
             m.load_state_dict(state)
         ppo_trainer = trainer(LEVERS[name])
-        ppo_trainer.sample = lambda step: copy.deepcopy(fixed)
+        ppo_trainer.sample = lambda steps, engine=None: [copy.deepcopy(fixed)]
         ppo_trainer.score = lambda rollouts: None
         cpu = {}  # CPU seconds of this process per phase: on a shared CPU, steadier than wall seconds
         for phase, key in (("evaluate", "cpu_forward"), ("train", "cpu_train")):
