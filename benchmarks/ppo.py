@@ -193,7 +193,7 @@ def measure_levers(shape: str, lora: bool, rollouts: int, max_new: int, micro: i
     eos_rate = torch.zeros((), device=device)
     policy.get_output_embeddings().register_forward_hook(
         lambda module, inputs, logits: logits.index_add_(-1, torch.tensor([EOS], device=logits.device),
-                                                         1e4 * (torch.rand(*logits.shape[:-1], 1, device=logits.device) < eos_rate)))
+                                                         (1e4 * (torch.rand(*logits.shape[:-1], 1, device=logits.device) < eos_rate)).to(logits.dtype)))
     real_build = ppo.build_models
     ppo.build_models = lambda args, dev: (*models[:2], shared if args.shared_value_head else value, *models[3:])
     real_collate = ppo.collate
