@@ -160,13 +160,19 @@ class ValueModel(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
+        return self.read(hidden)
+
+    def read(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head's value of each hidden state [..., H] -> [...]."""
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)
 
 
-def lora_config(args, task_type=None):
-    from peft import LoraConfig
+def with_lora(model, args, task_type=None):
+    """The model with --lora-r/--lora-alpha adapters on all its linear layers, no dropout."""
+    from peft import LoraConfig, get_peft_model
 
-    return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules="all-linear", task_type=task_type)
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules="all-linear", task_type=task_type)
+    return get_peft_model(model, config)
 
 
 def build_models(args, device: str):
@@ -188,9 +194,7 @@ def build_models(args, device: str):
     rm, rm_tokenizer = load_reward_model(args.reward_model, device=device, dtype=args.dtype, flag="--reward-model")
     rm.requires_grad_(False)
     if args.lora:
-        from peft import get_peft_model
-
-        policy = get_peft_model(policy, lora_config(args, "CAUSAL_LM"))
+        policy = with_lora(policy, args, "CAUSAL_LM")
     else:
         reference.requires_grad_(False).eval()
     policy.eval()  # no dropout anywhere: rollouts, old log-probs and updates see the same function
@@ -205,9 +209,7 @@ def build_models(args, device: str):
         raise UserError(f"--reward-model {args.reward_model}: its tokenizer differs from the policy's; "
                         "train the reward model from the policy's base model, or pass --value-model")
     if args.lora:
-        from peft import get_peft_model
-
-        backbone = get_peft_model(backbone, lora_config(args))
+        backbone = with_lora(backbone, args)
     value = ValueModel(backbone, critic.config.hidden_size).to(device)
     value.eval()
     return policy, reference, value, rm, tokenizer, rm_tokenizer
@@ -516,8 +518,7 @@ class PPO:
         hidden = last_hidden(self.policy, batch)
         logits = project(self.policy, hidden, batch, self.args.temperature)
         if self.value.backbone is None:
-            head = self.value.head
-            return logits, head(gather_positions(hidden, batch).to(head.weight.dtype)).squeeze(-1).float()
+            return logits, self.value.read(gather_positions(hidden, batch)).float()
         return logits, response_values(self.value, batch)
 
     def evaluate(self, rollouts: list[Rollout]) -> None:

@@ -8,6 +8,7 @@ the rule of `ending.py`, which FastEngine follows too.
 
 from __future__ import annotations
 
+import os
 import types
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -216,12 +217,7 @@ def shared_prefix_rows(tokens: Sequence[Sequence[int]]) -> list[PackedRow]:
     pair of replies to one conversation down to that opening. Every rest keeps at least its last token."""
 
     def common(a, b) -> int:
-        n = 0
-        for x, y in zip(a, b):
-            if x != y:
-                break
-            n += 1
-        return n
+        return len(os.path.commonprefix([list(a), list(b)]))
 
     order = sorted(range(len(tokens)), key=lambda i: tokens[i])
     after = [common(tokens[a], tokens[b]) for a, b in zip(order, order[1:])] + [0]  # shared with the next in order
