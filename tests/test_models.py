@@ -1,4 +1,5 @@
-"""Loading models: a GGUF file given by path is converted once into the cache, like the embedded default."""
+"""Loading models: a GGUF file given by path is converted once into the cache (parsing the file once), like the
+embedded default."""
 
 from __future__ import annotations
 
@@ -25,7 +26,19 @@ def test_a_gguf_file_by_path_converts_once_into_the_cache(tmp_path, monkeypatch)
     gguf = tmp_path / "my-model.gguf"
     shutil.copy(next(package.glob("*.gguf")), gguf)
     monkeypatch.setenv("RLCD_CACHE", str(tmp_path / "cache"))
+    import gguf as gguf_module
+
+    reads = []
+
+    def counting_reader(path, *args, **kwargs):
+        reads.append(path)
+        return reader(path, *args, **kwargs)
+
+    reader = gguf_module.GGUFReader
+    monkeypatch.setattr(gguf_module, "GGUFReader", counting_reader)
     path = Path(resolve_model(str(gguf)))
+    assert len(reads) == 1  # tokenizer, config and weights from one parse of the file
+    assert gguf_module.GGUFReader is counting_reader  # gguf's module as it was
     assert path.parent == tmp_path / "cache" / "models" and path.name.startswith("my-model-")
     assert (path / "config.json").exists() and (path / "tokenizer.json").exists()
     assert resolve_model(str(gguf)) == str(path)  # the second call finds the conversion
