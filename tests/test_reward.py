@@ -188,6 +188,44 @@ def test_trainer_loss_carries_soft_target_through_the_collator(base_model, tmp_p
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
 
 
+def test_packed_pairs_give_the_plain_layouts_loss_and_gradients(base_model, tmp_path):
+    """A pair in one row (its conversation once, each side's reply masked from the other) trains exactly as TRL's
+    layout of two padded rows: the same loss and gradients, from fewer tokens."""
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification
+
+    from rlcd.models import load_tokenizer
+    from rlcd.reward_model import score_head
+
+    tokenizer = load_tokenizer(base_model)
+    model = AutoModelForSequenceClassification.from_pretrained(base_model, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    rng = random.Random(4)
+    examples = []
+    for k in range(3):
+        prompt = "Human: " + " ".join(rng.choices(WORDS, k=rng.randint(10, 30))) + "\n\nAssistant:"
+        sides = [format_rm_input(prompt, " ".join(rng.choices(WORDS, k=rng.randint(1, 9)))) for _ in range(2)]
+        ids, _ = encode_texts(tokenizer, sides, 64)
+        examples.append({"chosen_ids": ids[0], "rejected_ids": ids[1], "chosen_prob": [1.0, 0.7, 0.2][k]})
+    args = reward.reward_config(reward.TrainRmConfig(data="t.csv", out_dir=str(tmp_path)), tmp_path, bf16=False, has_eval=False)
+    trainer = reward.soft_label_reward_trainer()(model=model, args=args, processing_class=tokenizer,
+                                                 data_collator=PairCollator(tokenizer.pad_token_id),
+                                                 train_dataset=Dataset.from_list(examples))
+    results = []
+    for collator in (PairCollator(tokenizer.pad_token_id), PairCollator(tokenizer.pad_token_id, torch.float32)):
+        batch = collator(examples)
+        model.zero_grad()
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters()], batch["input_ids"].numel()))
+    (plain_loss, plain_grads, plain_tokens), (packed_loss, packed_grads, packed_tokens) = results
+    assert score_head(model) is model.score and "reads" in batch
+    assert packed_loss == pytest.approx(plain_loss, rel=1e-5)
+    for a, b in zip(plain_grads, packed_grads):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    assert packed_tokens < plain_tokens
+
+
 # ---------------------------------------------------------------------------------------------
 # scoring
 # ---------------------------------------------------------------------------------------------
@@ -202,6 +240,35 @@ def test_scores_keep_input_order_and_match_unbatched_scores(trained_rm):
     one_by_one = [score_texts(model, tokenizer, [t], batch_size=1)[0] for t in texts]
     assert batched == pytest.approx(one_by_one, abs=1e-5)
     assert len(set(round(s, 6) for s in batched)) > 1  # the check means something only if scores differ
+
+
+@pytest.mark.parametrize("packs", [True, False])
+def test_texts_that_begin_alike_share_a_row_and_score_as_alone(trained_rm, packs, monkeypatch):
+    """Replies to one conversation are scored in one row (the conversation once) where the model has a head at every
+    position, in rows of their own where it has not; either way each score is the text's own, read at its last token."""
+    from rlcd import reward_model
+
+    model, tokenizer = load_reward_model(str(trained_rm[0]))
+    if not packs:
+        monkeypatch.setattr(reward_model, "score_head", lambda model: None)
+    rng = random.Random(8)
+    texts = []
+    for _ in range(4):
+        prompt = "Human: " + " ".join(rng.choices(WORDS, k=rng.randint(16, 30))) + "\n\nAssistant:"
+        texts += [format_rm_input(prompt, " ".join(rng.choices(WORDS + ["great"], k=rng.randint(1, 9)))) for _ in range(3)]
+    texts += [format_rm_input("Human: x\n\nAssistant:", "great")]  # nothing shared
+    rng.shuffle(texts)
+    rows = []
+    hook = model.model.register_forward_hook(lambda module, args, out: rows.append(len(out.last_hidden_state)))
+    try:
+        scores = score_texts(model, tokenizer, texts, batch_size=3)
+    finally:
+        hook.remove()
+    assert sum(rows) <= 6 if packs else sum(rows) == len(texts)  # 4 conversations of 3 replies, and one text alone
+    with torch.no_grad():
+        for text, score in zip(texts, scores):
+            alone = model(**tokenizer(text, return_tensors="pt")).logits[0, 0].item()
+            assert score == pytest.approx(alone, abs=1e-5)
 
 
 def test_identical_texts_get_identical_scores(trained_rm):

@@ -142,19 +142,19 @@ def test_prompts_that_begin_alike_share_a_row_and_get_the_log_probs_of_their_own
 
 
 def test_shared_prefix_rows_group_neighbours_with_a_long_common_start():
-    from rlcd.engines.hf import MAX_SHARING, MIN_SHARED_TOKENS, shared_prefix_rows
+    from rlcd.packing import MAX_SHARING, MIN_SHARED_TOKENS, shared_prefix_rows
 
     start = list(range(100, 100 + MIN_SHARED_TOKENS))
     assert len(shared_prefix_rows([start[:-1] + [9], start + [1]])) == 2  # one token too few in common
     [row] = shared_prefix_rows([start + [1], start])  # the start itself: the row shares one token less, so a rest is left
-    assert row.prefix == start[:-1] and row.rests == [start[-1:], start[-1:] + [1]] and row.prompts == [1, 0] and row.length == 18
+    assert row.prefix == start[:-1] and row.rests == [start[-1:], start[-1:] + [1]] and row.texts == [1, 0] and row.length == 18
     [row] = shared_prefix_rows([start + [1], start + [1]])  # a repeat
     assert row.prefix == start and row.rests == [[1], [1]]
     many = shared_prefix_rows([start + [k] for k in range(MAX_SHARING + 1)])
-    assert [len(r.prompts) for r in many] == [MAX_SHARING, 1]
+    assert [len(r.texts) for r in many] == [MAX_SHARING, 1]
     # a prompt that shares only the opening neither joins nor takes a pair that shares more
     pair = [start + list(range(300, 320)) + [k] for k in (1, 2)]
     for alone in (start + [7], start + [400]):  # before the pair in token order, and after it
         rows = shared_prefix_rows([alone, *pair])
-        assert sorted(sorted(r.prompts) for r in rows) == [[0], [1, 2]]
-        assert next(r for r in rows if len(r.prompts) == 2).prefix == pair[0][:-1]
+        assert sorted(sorted(r.texts) for r in rows) == [[0], [1, 2]]
+        assert next(r for r in rows if len(r.texts) == 2).prefix == pair[0][:-1]

@@ -5,11 +5,12 @@ final hidden state of the last real token (docs/method.md §5). Every reward-mod
 eval-rm, score, PPO, RLOO) formats its input with `format_rm_input` and scores it with `score_texts`, so
 training and scoring always see the same text, the same truncation and the same token the score is read at.
 
-Padding is on the right. Transformers' sequence-classification models read the score at the rightmost
-token that is not the pad token, which with right padding is the last real token (our inputs end with
-the "\\n\\nHuman:" marker, never with a pad token), and right padding keeps the real tokens at positions
-0..n-1 for models with absolute position embeddings too. Over-long inputs are cut on the left, so the
-end marker, where the score is read, always survives.
+Scores are read where the model's head meets each text's last token (the "\n\nHuman:" marker). Texts that begin
+alike, a pair's two replies to one conversation, share a row (`packing`): the conversation once, each reply masked from
+the other, positions continuing after the conversation in both, so each is scored as if alone, with about a fifth
+fewer tokens. That needs the head's output at every position, which decoder-only classifiers have (`score_head`); others
+score each text in its own row, padded on the right (transformers reads their score at the rightmost token that is not
+padding). Over-long inputs are cut on the left, so the end marker, where the score is read, always survives.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 from rlcd import dialogue
 from rlcd.engines import SCORING_TOKEN_BUDGET, no_cudnn_attention, token_budget_batches
 from rlcd.files import UserError
+from rlcd.packing import PackedRow, packed_batch, shared_prefix_rows
 
 
 def format_rm_input(prompt: str, response: str) -> str:
@@ -66,10 +68,11 @@ def score_texts(model, tokenizer, texts: list[str], batch_size: int = 24, max_le
                 token_budget: int = SCORING_TOKEN_BUDGET) -> list[float]:
     """Reward of each text (already formatted with `format_rm_input`), in the order given.
 
-    Texts are scored longest first, in batches of at most batch_size rows and token_budget tokens
-    (padding included; `token_budget_batches`), then put back in order. Identical texts are scored
-    once, so they get identical rewards: an exact tie, whatever batch they would have fallen in.
-    max_length None means the tokenizer's model_max_length, which `train-rm` saves with the model.
+    Texts that begin alike (a pair's two replies to one conversation) share a row (`packing.shared_prefix_rows`)
+    where the model has a head at every position (`score_head`); rows go longest first, in batches of at most
+    batch_size rows and token_budget tokens (padding included; `token_budget_batches`), then scores are put back
+    in order. Identical texts are scored once, so they get identical rewards: an exact tie, whatever row they
+    would have fallen in. max_length None means the tokenizer's model_max_length, which `train-rm` saves with the model.
     """
     import torch
     from tqdm import tqdm
@@ -79,21 +82,57 @@ def score_texts(model, tokenizer, texts: list[str], batch_size: int = 24, max_le
         return []
     ids, _ = encode_texts(tokenizer, unique, max_length)
     device = next(model.parameters()).device
+    packs = score_head(model) is not None
+    rows = shared_prefix_rows(ids) if packs else [PackedRow([], [x], [i]) for i, x in enumerate(ids)]
     scores = [0.0] * len(unique)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), no_cudnn_attention():
-            batches = token_budget_batches([len(x) for x in ids], batch_size, token_budget)
+            batches = token_budget_batches([row.length for row in rows], batch_size, token_budget)
             for chunk in tqdm(batches, desc="scoring", unit="batch", disable=not progress):
-                input_ids, attention_mask = pad_right([ids[i] for i in chunk], tokenizer.pad_token_id)
-                logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False).logits
-                for i, s in zip(chunk, logits[:, 0].float().tolist()):
+                batch = [rows[r] for r in chunk]
+                if packs:
+                    got = packed_scores(model, model, packed_inputs(batch, tokenizer.pad_token_id, model))
+                else:
+                    input_ids, attention_mask = pad_right([row.rests[0] for row in batch], tokenizer.pad_token_id)
+                    got = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False).logits[:, 0]
+                for i, s in zip([i for row in batch for i in row.texts], got.float().tolist()):
                     scores[i] = s
     finally:
         model.train(was_training)
     by_text = dict(zip(unique, scores))
     return [by_text[t] for t in texts]
+
+
+def score_head(model):
+    """The linear head a decoder-only sequence classifier applies at every position before reading the last one
+    (transformers names it `score` in every such model; a PeftModel passes the lookup through), or None: an encoder
+    classifier reads one position, so its texts cannot share a row."""
+    head = getattr(model, "score", None)
+    return head if callable(head) else None
+
+
+def packed_inputs(rows: list[PackedRow], pad_token_id: int, model) -> dict:
+    """`packed_scores`'s inputs for these rows (`packing.packed_batch`), the mask in the model's dtype."""
+    input_ids, positions, mask, reads = packed_batch(rows, pad_token_id, model.get_input_embeddings().weight.dtype)
+    return {"input_ids": input_ids, "position_ids": positions, "attention_mask": mask, "reads": reads}
+
+
+def packed_scores(model, inner, inputs: dict):
+    """The score at each rest's last token of packed rows (row by row, rest by rest), as a 1-D tensor.
+
+    `model` is called as it is (a DDP or FSDP wrapper stays in charge of its forward and backward); `inner` is the
+    model it wraps, whose `score_head` output at every position is read through a forward hook."""
+    device = next(inner.parameters()).device
+    seen = []
+    hook = score_head(inner).register_forward_hook(lambda module, args, output: seen.append(output))
+    try:
+        model(**{k: inputs[k].to(device) for k in ("input_ids", "position_ids", "attention_mask")}, use_cache=False)
+    finally:
+        hook.remove()
+    reads = inputs["reads"].to(device)
+    return seen[-1][reads[:, 0], reads[:, 1], 0]
 
 
 def load_reward_model(path: str, device: str | None = None, dtype: str = "auto", flag: str = "--reward-model"):

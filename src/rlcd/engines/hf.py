@@ -8,10 +8,8 @@ the rule of `ending.py`, which FastEngine follows too.
 
 from __future__ import annotations
 
-import os
 import types
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -19,6 +17,7 @@ from rlcd.engines import SCORING_TOKEN_BUDGET, Completion, SamplingParams, no_cu
 from rlcd.engines.ending import Ending, eos_token_ids, stop_enders
 from rlcd.engines.hf_internals import cache_argument
 from rlcd.engines.sampling import sample
+from rlcd.packing import PackedRow, packed_batch, shared_prefix_rows
 
 
 class HFEngine:
@@ -127,47 +126,24 @@ class HFEngine:
         rows = shared_prefix_rows(self.tokenizer(list(prompts), add_special_tokens=True).input_ids)
         for chunk in token_budget_batches([row.length for row in rows], self.batch_size, self.token_budget):
             logprobs = self._packed_logits_fp32([rows[r] for r in chunk]).log_softmax(-1)[:, ids].tolist()
-            reads = [i for r in chunk for i in rows[r].prompts]
+            reads = [i for r in chunk for i in rows[r].texts]
             for i, lp in zip(reads, logprobs):
                 results[i] = lp
         return results, ids
 
     def _packed_logits_fp32(self, rows: list[PackedRow]) -> torch.Tensor:
-        """The logits after each prompt of these packed rows (row by row, prompt by prompt), left padded to the
-        longest, with the output projection in fp32 whatever the model's dtype.
+        """The logits after each prompt of these packed rows (row by row, prompt by prompt), with the output projection
+        in fp32 whatever the model's dtype.
 
         In bf16 two letters' logits are often exactly equal (a tie, read as "no preference"): bf16 keeps
         8 bits of mantissa, so logits near 20 are rounded to steps of 0.125. The decoder runs in the model's
         dtype; only the hidden states read and the output projection are lifted to fp32.
         """
-        width = max(row.length for row in rows)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        positions = torch.zeros((len(rows), width), dtype=torch.long)
-        segment = torch.full((len(rows), width), -1, dtype=torch.long)  # -1 padding, 0 the shared start, k the k-th rest
-        reads = []
-        for b, row in enumerate(rows):
-            at = width - row.length
-            input_ids[b, at : at + len(row.prefix)] = torch.tensor(row.prefix, dtype=torch.long)
-            positions[b, at : at + len(row.prefix)] = torch.arange(len(row.prefix))
-            segment[b, at : at + len(row.prefix)] = 0
-            at += len(row.prefix)
-            for k, rest in enumerate(row.rests, 1):
-                input_ids[b, at : at + len(rest)] = torch.tensor(rest, dtype=torch.long)
-                positions[b, at : at + len(rest)] = torch.arange(len(row.prefix), len(row.prefix) + len(rest))
-                segment[b, at : at + len(rest)] = k
-                at += len(rest)
-                reads.append((b, at - 1))
-        # causal; a query sees the shared start and its own part; a padding position sees only itself (no empty softmax)
-        cols = torch.arange(width)
-        same = (segment[:, :, None] == segment[:, None, :]) | (segment[:, None, :] == 0)
-        allowed = (cols[:, None] >= cols[None, :]) & same & (segment[:, :, None] >= 0)
-        allowed |= torch.eye(width, dtype=torch.bool)
-        dtype = next(self.model.parameters()).dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-        hidden = self.model.get_decoder()(input_ids=input_ids.to(self.device), attention_mask=mask[:, None].to(self.device),
+        input_ids, positions, mask, reads = packed_batch(rows, pad, next(self.model.parameters()).dtype)
+        hidden = self.model.get_decoder()(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
                                           position_ids=positions.to(self.device)).last_hidden_state
-        at = torch.tensor(reads, device=self.device)
+        at = reads.to(self.device)
         head = self.model.get_output_embeddings()
         logits = hidden[at[:, 0], at[:, 1]].float() @ head.weight.float().T
         if getattr(head, "bias", None) is not None:
@@ -188,53 +164,6 @@ class HFEngine:
             return full[-1]
         alone = self.tokenizer(candidate, add_special_tokens=False).input_ids
         return alone[0]
-
-
-MIN_SHARED_TOKENS = 16
-"""Prompts share a row only when they begin with at least this many equal tokens."""
-
-MAX_SHARING = 8
-"""Most prompts in one row: its length (the shared start plus every rest) stays near a prompt's."""
-
-
-@dataclass
-class PackedRow:
-    """Prompts `prompts` (indices) packed in one row: their common first tokens once, then each one's rest."""
-
-    prefix: list[int]
-    rests: list[list[int]]
-    prompts: list[int]
-
-    @property
-    def length(self) -> int:
-        return len(self.prefix) + sum(map(len, self.rests))
-
-
-def shared_prefix_rows(tokens: Sequence[Sequence[int]]) -> list[PackedRow]:
-    """Rows for `next_token_logprobs`. In token order, a prompt joins the row before it when they begin with the
-    same MIN_SHARED_TOKENS or more tokens, it shares everything that row's prompts share, and it shares no more with
-    the prompt after it (at most MAX_SHARING a row): a prompt that shares only a template's opening does not cut a
-    pair of replies to one conversation down to that opening. Every rest keeps at least its last token."""
-
-    def common(a, b) -> int:
-        return len(os.path.commonprefix([list(a), list(b)]))
-
-    order = sorted(range(len(tokens)), key=lambda i: tokens[i])
-    after = [common(tokens[a], tokens[b]) for a, b in zip(order, order[1:])] + [0]  # shared with the next in order
-    groups: list[tuple[list[int], int]] = []  # (prompts, tokens they all share)
-    for k, i in enumerate(order):
-        if groups:
-            group, shared = groups[-1]
-            n = common(tokens[group[0]], tokens[i])  # in token order: what the whole row would share
-            if n >= max(shared, MIN_SHARED_TOKENS) and n >= after[k] and len(group) < MAX_SHARING:
-                groups[-1] = (group + [i], n)
-                continue
-        groups.append(([i], 0))
-    rows = []
-    for group, shared in groups:
-        n = min([shared] + [len(tokens[i]) - 1 for i in group])
-        rows.append(PackedRow(list(tokens[group[0]][:n]), [list(tokens[i][n:]) for i in group], group))
-    return rows
 
 
 VOCAB_FIRST_ROWS = 128
