@@ -2,8 +2,9 @@
 
 The engines compute a float32 CPU model's output projection vocabulary-first (`rlcd.engines.hf.vocabulary_rows_first`):
 the same logits, and with tens of thousands of vocabulary rows and few positions a CPU runs it faster (the engines do it
-up to `VOCAB_FIRST_ROWS` positions; here both ways are timed at every row count, above it too). This times both
-on the default model's projection shape (49,152 x 576, random float32 weights, so no model download is needed) at the
+up to `VOCAB_FIRST_ROWS` positions, above that it is nn.Linear; without gradients a block of vocabulary rows at a time,
+so that each block's transpose is written while it is still in cache). This times nn.Linear against the engines' own
+forward, on the default model's projection shape (49,152 x 576, random float32 weights, so no model download is needed) at the
 row counts the demo uses (8 rows: a PPO rollout step; 128: simulation's decode batch; 112: a PPO micro-batch's response
 positions), forward alone and forward plus the input gradient (PPO's updates), alternating the two ways each round.
 The hardware limit printed beside each: the time to read the weights once at the machine's memory read speed or to do
@@ -23,8 +24,11 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+
+from rlcd.engines.hf import vocabulary_rows_first
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, HIDDEN = 49152, 576  # SmolLM2-135M's output projection
@@ -46,8 +50,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     head = torch.nn.Linear(HIDDEN, VOCAB, bias=False)
-    ways = {"nn.Linear": lambda h: torch.nn.functional.linear(h, head.weight),
-            "vocab_first": lambda h: (head.weight @ h.T).T.contiguous()}  # what _rows_first_forward does up to VOCAB_FIRST_ROWS
+    engine_head = torch.nn.Linear(HIDDEN, VOCAB, bias=False)
+    engine_head.weight = head.weight
+    vocabulary_rows_first(SimpleNamespace(get_output_embeddings=lambda: engine_head))  # the engines' own forward, as they set it up
+    ways = {"nn.Linear": lambda h: torch.nn.functional.linear(h, head.weight), "vocab_first": engine_head}
     big = torch.randn(64 * 1024 * 1024)  # 256 MB
     read_gbs = big.numel() * 4 / seconds(big.sum, 5) / 1e9
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)

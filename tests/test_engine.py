@@ -1,6 +1,7 @@
 """The in-process engine against plain transformers `generate`, and the seeded sampler's distribution."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -155,6 +156,11 @@ def test_a_cpu_engine_projects_to_the_vocabulary_rows_first_with_the_same_logits
     logits = head(hidden)
     assert logits.shape == expected.shape and logits.is_contiguous() and torch.allclose(logits, expected, atol=1e-5)
     assert torch.allclose(torch.autograd.grad(logits.square().sum(), hidden)[0], grad, atol=1e-4)
+    wide = torch.nn.Linear(8, 2 * hf.VOCAB_BLOCK + 5)  # without gradients a block of vocabulary rows at a time
+    hf.vocabulary_rows_first(SimpleNamespace(get_output_embeddings=lambda: wide))
+    with torch.no_grad():
+        x = torch.randn(3, 4, 8)
+        assert torch.allclose(wide(x), torch.nn.functional.linear(x, wide.weight, wide.bias), atol=1e-5)
     many = torch.randn(hf.VOCAB_FIRST_ROWS + 1, head.in_features)  # past the bound: nn.Linear's own product
     assert torch.equal(head(many), torch.nn.functional.linear(many, head.weight, head.bias))
     twin = copy.deepcopy(model)

@@ -171,6 +171,11 @@ VOCAB_FIRST_ROWS = 128
 the two ways are about even, from 256 on nn.Linear is as fast or faster)."""
 
 
+VOCAB_BLOCK = 2048
+"""Vocabulary rows projected at a time without gradients (a decode step): transposing all 49,152 rows' logits at once
+took about as long as the projection on 2 cores (benchmarks/vocab_projection.py)."""
+
+
 def vocabulary_rows_first(model) -> None:
     """On a CPU, compute a float32 model's output projection as (W @ h.T).T, the vocabulary as the matmul's rows,
     for up to VOCAB_FIRST_ROWS positions at a time (a decode step, a PPO micro-batch's response tokens).
@@ -189,7 +194,12 @@ def _rows_first_forward(self: torch.nn.Linear, hidden: torch.Tensor) -> torch.Te
     flat = hidden.reshape(-1, hidden.shape[-1])
     if len(flat) > VOCAB_FIRST_ROWS:
         return torch.nn.functional.linear(hidden, self.weight, self.bias)
-    logits = (self.weight @ flat.T).T.contiguous()
+    if torch.is_grad_enabled():
+        logits = (self.weight @ flat.T).T.contiguous()
+    else:  # a block of vocabulary rows at a time: each block's transpose is written while it is still in cache
+        logits = torch.empty(len(flat), self.weight.shape[0], dtype=flat.dtype)
+        for block in range(0, self.weight.shape[0], VOCAB_BLOCK):
+            logits[:, block : block + VOCAB_BLOCK] = (self.weight[block : block + VOCAB_BLOCK] @ flat.T).T
     if self.bias is not None:
         logits = logits + self.bias
     return logits.reshape(*hidden.shape[:-1], -1)
