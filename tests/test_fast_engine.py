@@ -88,6 +88,39 @@ def test_samples_do_not_depend_on_slots_or_neighbours(engines):
     assert fast.generate(PROMPTS[:1], params, [99])[0] != together[0]
 
 
+def test_a_prompt_seen_in_the_call_before_reuses_its_prefill_with_the_same_samples(engines, monkeypatch):
+    """With reuse_prefills (simulate's retries), a prompt prefilled by the previous call gets its keys/values copied in
+    rather than recomputed, and samples what a fresh prefill would give it (a different seed: a redraw). Only the call
+    just before counts, and the engine keeps nothing for a caller that did not ask (PPO changes its weights)."""
+    from rlcd.engines import fast as fast_module
+
+    hf, _ = engines
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, top_k=50, banned=("Human",))
+    engine = FastEngine(hf.model, hf.tokenizer, batch_size=3)
+    engine.reuse_prefills = True
+    prefilled = []
+    original = FastEngine._prefill
+    monkeypatch.setattr(FastEngine, "_prefill", lambda self, chunk, rows, width: prefilled.extend(chunk) or original(self, chunk, rows, width))
+    engine.generate(PROMPTS[:5], params, SEEDS[:5])
+    assert len(prefilled) == 5
+    prefilled.clear()
+    redraw = engine.generate(PROMPTS[2:6], params, [40, 41, 42, 43])  # three seen in the call before, one new
+    assert prefilled == [engine.tokenizer(PROMPTS[5]).input_ids]
+    fresh = FastEngine(hf.model, hf.tokenizer, batch_size=3).generate(PROMPTS[2:6], params, [40, 41, 42, 43])
+    assert redraw == fresh
+    prefilled.clear()
+    engine.generate(PROMPTS[:2], params, SEEDS[:2])  # not in the call just before
+    assert len(prefilled) == 2
+    monkeypatch.setattr(fast_module, "SAVED_BYTES", 0)  # nothing fits: everything is prefilled again
+    engine.generate(PROMPTS[:2], params, SEEDS[:2])
+    prefilled.clear()
+    engine.generate(PROMPTS[:2], params, SEEDS[:2])
+    assert len(prefilled) == 2
+    plain = FastEngine(hf.model, hf.tokenizer, batch_size=3)  # not asked to: keeps nothing
+    plain.generate(PROMPTS[:2], params, SEEDS[:2])
+    assert plain._saved == {}
+
+
 def test_stop_strings_and_banned_tokens(engines):
     hf, fast = engines
     stop_ids = hf.tokenizer("\nHuman", add_special_tokens=False).input_ids

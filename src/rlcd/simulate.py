@@ -318,7 +318,10 @@ def make_engine(args) -> tuple[Engine, dict]:
     """(engine, what the manifest records of it) for these flags: the server's, or an in-process one."""
     if args.backend == "openai":
         return openai_server.from_arguments(args)
-    return load_engine(args.model, kind=args.engine, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
+    engine, info = load_engine(args.model, kind=args.engine, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
+    if hasattr(engine, "reuse_prefills"):  # the fast engine: the model never changes here, and a retry's prompt was prefilled the round before
+        engine.reuse_prefills = True
+    return engine, info
 
 
 def shard_summary(records: list[dict], slots: tuple[str, ...]) -> dict:

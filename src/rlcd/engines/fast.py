@@ -70,6 +70,11 @@ PREFILL_SLACK = 1024
 """Padding tokens a prefill chunk may always carry: below this, one forward more costs more (7B on an H100: about
 15 ms of weight reads and eager launches per forward vs about 20 us of compute per padded token)."""
 
+SAVED_BYTES = 1 << 30
+"""On a CPU, the most keys/values kept from one `generate` call for the next: a simulation redraws a rejected sample
+from the same prompt in its next round, and its prefill (about a fifth of the demo's simulation) is then a copy. The
+demo's first round keeps about 400 MB."""
+
 _ATTN, _PREFILL_ATTN = "rlcd_slots", "rlcd_prefill"
 _prefill_target = None
 """(slots, rows, width) while a prefill forward runs: where `_prefill_attention` stores the keys/values.
@@ -84,6 +89,9 @@ recompiles, which the CPU tests cannot show. One prefill runs at a time (`_prefi
 
 class FastEngine(HFEngine):
     name = "fast"
+    reuse_prefills = False
+    """On a CPU, keep what a `generate` call prefilled for the next call (within SAVED_BYTES) and copy it in for a
+    prompt seen again. Only for a caller whose model does not change between calls: `simulate` sets it."""
 
     def __init__(self, model, tokenizer, batch_size: int = 32):
         super().__init__(model, tokenizer, batch_size)
@@ -101,6 +109,9 @@ class FastEngine(HFEngine):
         self._layers = hf_internals.decoder_layers(model)
         self._compiled_layers = [torch.compile(layer._call_impl, dynamic=True) for layer in self._layers] if self.on_cuda else []
         self._one_row_compiled = False
+        self._saved: dict[tuple[int, ...], tuple] = {}  # CPU: prompt ids -> (keys, values, last logits) of the last call
+        self._saving: dict[tuple[int, ...], tuple] = {}
+        self._saving_bytes = 0
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int]) -> list[Completion]:
@@ -119,6 +130,8 @@ class FastEngine(HFEngine):
             self._capture(params, banned)
         slots.park(range(slots.batch))
 
+        # what this call prefills is kept for the next call only (a simulation's retries come in the next round)
+        self._saving, self._saving_bytes = {}, 0
         # longest first: prompts prefilled together have similar lengths
         waiting = deque(sorted(range(len(prompts)), key=lambda i: -len(ids[i])))
         occupant: list[int | None] = [None] * slots.batch  # prompt index in each slot
@@ -157,6 +170,7 @@ class FastEngine(HFEngine):
                 slots.keep(keep)
                 occupant = [occupant[s] for s in keep]
             take(enumerate(self._decode_step(params, banned)))
+        self._saved = self._saving
         return results  # type: ignore[return-value]
 
     def _reserve(self, batch: int, length: int) -> None:
@@ -173,36 +187,71 @@ class FastEngine(HFEngine):
 
     @no_cudnn_attention()  # refills rarely repeat a shape
     def _admit(self, slots: list[int], prompts: list[list[int]], seeds: list[int], params, banned) -> list[int]:
-        """Prefill prompts (sorted longest first) into free slots; returns each one's first sampled token."""
-        first: list[int] = []
+        """Prefill prompts (sorted longest first) into free slots; returns each one's first sampled token. On a CPU a
+        prompt prefilled by the previous `generate` call (a simulation retry) gets its saved keys/values instead."""
+        first: list[int] = [0] * len(prompts)
+        saved = [k for k, p in enumerate(prompts) if tuple(p) in self._saved]
+        fresh = [k for k in range(len(prompts)) if tuple(prompts[k]) not in self._saved]
+        if saved:
+            rows = torch.tensor([slots[k] for k in saved], device=self.device)
+            for row, k in zip(rows.tolist(), saved):
+                keys, values, _ = entry = self._saved[tuple(prompts[k])]
+                if self._saving_bytes + len(prompts[k]) * self._slots.token_bytes <= SAVED_BYTES:  # kept for the next call too
+                    self._saving[tuple(prompts[k])] = entry
+                    self._saving_bytes += len(prompts[k]) * self._slots.token_bytes
+                for layer, (key, value) in enumerate(zip(keys, values)):
+                    self._slots.keys[layer][row, :, : len(prompts[k])] = key
+                    self._slots.values[layer][row, :, : len(prompts[k])] = value
+            self._slots.start[rows] = 0
+            self._slots.write_col[rows] = torch.tensor([len(prompts[k]) for k in saved], device=self.device)
+            logits = torch.stack([self._saved[tuple(prompts[k])][2] for k in saved])
+            for k, tok in zip(saved, self._first_tokens(logits, rows, [seeds[k] for k in saved], params, banned)):
+                first[k] = tok
         done = 0
         limit = PREFILL_TOKENS if self.on_cuda else PREFILL_TOKENS_CPU
-        if self._compiled_layers and not self._one_row_compiled:
+        if fresh and self._compiled_layers and not self._one_row_compiled:
             # dynamo compiles a chunk of one prompt apart (it specialises size 1): compile it now, with the first
             # chunk, not in the middle of a run (its slot is overwritten by the chunk's own forward)
             self._one_row_compiled = True
-            self._prefill(prompts[:1], torch.tensor(slots[:1], device=self.device), len(prompts[0]))
-        while done < len(prompts):
-            width = len(prompts[done])  # the longest of this chunk
+            self._prefill([prompts[fresh[0]]], torch.tensor([slots[fresh[0]]], device=self.device), len(prompts[fresh[0]]))
+        while done < len(fresh):
+            width = len(prompts[fresh[done]])  # the longest of this chunk
             n, real = 1, width
             # a chunk takes the next prompt while its padding stays under a quarter of it, or under PREFILL_SLACK
             # tokens: one more forward costs more than that much padding (a refill of a few prompts is one forward)
-            while done + n < len(prompts) and (n + 1) * width <= limit:
-                padding = (n + 1) * width - real - len(prompts[done + n])
+            while done + n < len(fresh) and (n + 1) * width <= limit:
+                padding = (n + 1) * width - real - len(prompts[fresh[done + n]])
                 if 4 * padding > (n + 1) * width and padding > PREFILL_SLACK:
                     break
-                real += len(prompts[done + n])
+                real += len(prompts[fresh[done + n]])
                 n += 1
-            rows = torch.tensor(slots[done : done + n], device=self.device)
-            logits = self._prefill(prompts[done : done + n], rows, width)
-            if banned is not None:
-                logits.index_fill_(1, banned, float("-inf"))
-            seeds_t = torch.tensor(seeds[done : done + n], dtype=torch.int64, device=self.device)
-            chosen = sample(logits, seeds_t, 0, params.temperature, params.top_k, params.top_p)
-            self._slots.start_rows(rows, chosen, seeds_t)
-            first += chosen.tolist()
+            chunk = fresh[done : done + n]
+            rows = torch.tensor([slots[k] for k in chunk], device=self.device)
+            logits = self._prefill([prompts[k] for k in chunk], rows, width)
+            if self.reuse_prefills and not self.on_cuda:
+                self._save([prompts[k] for k in chunk], rows, width, logits)
+            for k, tok in zip(chunk, self._first_tokens(logits, rows, [seeds[k] for k in chunk], params, banned)):
+                first[k] = tok
             done += n
         return first
+
+    def _first_tokens(self, logits, rows, seeds: list[int], params, banned) -> list[int]:
+        if banned is not None:
+            logits.index_fill_(1, banned, float("-inf"))
+        seeds_t = torch.tensor(seeds, dtype=torch.int64, device=self.device)
+        chosen = sample(logits, seeds_t, 0, params.temperature, params.top_k, params.top_p)
+        self._slots.start_rows(rows, chosen, seeds_t)
+        return chosen.tolist()
+
+    def _save(self, chunk: list[list[int]], rows: torch.Tensor, width: int, logits: torch.Tensor) -> None:
+        """Keep these prefilled prompts' keys/values and last logits for the next `generate` call, within SAVED_BYTES."""
+        for row, prompt, last in zip(rows.tolist(), chunk, logits):
+            if self._saving_bytes + len(prompt) * self._slots.token_bytes > SAVED_BYTES:
+                return
+            self._saving_bytes += len(prompt) * self._slots.token_bytes
+            at = width - len(prompt)
+            self._saving[tuple(prompt)] = ([k[row, :, at:width].clone() for k in self._slots.keys],
+                                           [v[row, :, at:width].clone() for v in self._slots.values], last.clone())
 
     def _prefill(self, chunk: list[list[int]], rows: torch.Tensor, width: int) -> torch.Tensor:
         """One forward of left-padded prompts whose keys/values go to slot `rows`; the last position's logits."""
@@ -312,6 +361,7 @@ class _Slots:
         self.keys = [torch.zeros(shape, dtype=param.dtype, device=dev) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=param.dtype, device=dev) for _ in range(config.num_hidden_layers)]
         self.batch, self.length = batch, length
+        self.token_bytes = 2 * config.num_hidden_layers * heads * head_dim * self.keys[0].element_size()  # one token's keys and values
         self.rows = torch.arange(batch, device=dev)
         self.input_ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.start = torch.zeros(batch, dtype=torch.long, device=dev)  # first live column
