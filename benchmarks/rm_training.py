@@ -15,8 +15,9 @@ Same preference table (the first steps x batch-size usable pairs), same pairs pe
 steps, same seed, one process. Timing: a TrainerCallback (on_step_begin / on_step_end, with
 torch.cuda.synchronize on GPU); the figures are for the window from the start of the first step after
 --warmup-steps to the end of the last step, so they include data loading and logging between steps but
-not model loading, tokenization or saving. Tokens are the real (non-pad) tokens of chosen + rejected.
-MFU = 6 x non-embedding parameters x tokens/s / peak bf16 FLOP/s (the reward model has no LM head, so the
+not model loading, tokenization or saving. Tokens are the real (non-pad) tokens of chosen + rejected; computed tokens
+are the positions the model ran that are not padding, fewer for ours where a pair's sides share their conversation in
+one row (`rlcd.packing`). MFU = 6 x non-embedding parameters x computed tokens/s / peak bf16 FLOP/s (the reward model has no LM head, so the
 embedding table is a lookup, not a matmul; attention-score FLOPs are not counted; recomputation under
 gradient checkpointing is not counted either, as MFU is defined).
 
@@ -146,7 +147,7 @@ class Probe:
     def __init__(self):
         from transformers import TrainerCallback
 
-        self.begin, self.end, self.tokens, self.padded, self.rows = {}, {}, {}, {}, {}
+        self.begin, self.end, self.tokens, self.computed, self.padded, self.pairs = {}, {}, {}, {}, {}, {}
         self.peak_bytes = self.allocated_at_begin = None
         self.loadavg_begin = self.loadavg_end = None
         self.settings, self.params = {}, {}
@@ -184,11 +185,21 @@ class Probe:
         self.callback = Callback()
 
     def record_batch(self, step: int, inputs: dict) -> None:
-        mask = inputs["attention_mask"]
-        # kept as a tensor (no host sync inside the step); read after training
-        self.tokens[step] = self.tokens.get(step, 0) + mask.sum()
-        self.padded[step] = self.padded.get(step, 0) + mask.numel()
-        self.rows[step] = self.rows.get(step, 0) + mask.shape[0]
+        # kept as tensors (no host sync inside the step); read after training
+        if "reads" in inputs:  # train-rm's packed pairs (rlcd.packing): a row per pair, left padded
+            positions, reads = inputs["position_ids"], inputs["reads"]
+            tokens = (positions[reads[:, 0], reads[:, 1]] + 1).sum()  # each side's length: its last position + 1
+            # padding holds position 0, and so does a row's first real token (a side is never one token long)
+            computed = (positions.shape[1] - ((positions > 0).int().argmax(-1) - 1)).sum()
+            pairs = positions.shape[0]
+        else:  # chosen rows, then rejected rows
+            mask = inputs["attention_mask"]
+            tokens = computed = mask.sum()
+            positions, pairs = mask, mask.shape[0] // 2
+        self.tokens[step] = self.tokens.get(step, 0) + tokens
+        self.computed[step] = self.computed.get(step, 0) + computed
+        self.padded[step] = self.padded.get(step, 0) + positions.numel()
+        self.pairs[step] = self.pairs.get(step, 0) + pairs
 
     def describe(self, args, model) -> None:
         emb = model.get_input_embeddings() if model is not None else None
@@ -282,11 +293,11 @@ def summarize(probe: Probe, args, peak_flops: float | None) -> dict:
     if len(steps) != args.steps:
         raise SystemExit(f"expected {args.steps} steps, the trainer ran {len(steps)}")
     timed = [s for s in steps if s > args.warmup_steps]
-    tokens = {s: int(probe.tokens[s].item() if hasattr(probe.tokens[s], "item") else probe.tokens[s]) for s in steps}
+    def total(counts: dict) -> int:
+        return sum(int(counts[s].item() if hasattr(counts[s], "item") else counts[s]) for s in timed)
+
     seconds = probe.end[timed[-1]] - probe.begin[timed[0]]
-    real = sum(tokens[s] for s in timed)
-    padded = sum(probe.padded[s] for s in timed)
-    pairs = sum(probe.rows[s] for s in timed) // 2
+    real, computed, padded, pairs = total(probe.tokens), total(probe.computed), total(probe.padded), total(probe.pairs)
     tokens_per_s = real / seconds
     step_times = [probe.end[s] - probe.begin[s] for s in timed]
     out = {
@@ -297,15 +308,16 @@ def summarize(probe: Probe, args, peak_flops: float | None) -> dict:
         "pairs_per_s": pairs / seconds,
         "tokens": real,
         "tokens_per_s": tokens_per_s,
+        "computed_tokens": computed,  # fewer than `tokens` where a pair's two sides share their conversation in one row
         "padded_tokens": padded,
-        "padding_efficiency": real / padded,
+        "padding_efficiency": computed / padded,
         "median_step_s": statistics.median(step_times),
         "in_step_fraction": sum(step_times) / seconds,  # the rest: data loading and logging between steps
         "mean_tokens_per_pair": real / pairs,
         "warmup_steps_s": [round(probe.end[s] - probe.begin[s], 4) for s in steps if s <= args.warmup_steps],
         "train_rows_after_preprocessing": probe.train_rows,
         "params": probe.params,
-        "mfu": (6 * probe.params["non_embedding"] * tokens_per_s / peak_flops) if peak_flops else None,
+        "mfu": (6 * probe.params["non_embedding"] * computed / seconds / peak_flops) if peak_flops else None,
         "peak_memory_gib": probe.peak_bytes / 2**30 if probe.peak_bytes is not None else None,
         "allocated_at_train_begin_gib": probe.allocated_at_begin / 2**30 if probe.allocated_at_begin is not None else None,
         "loadavg_1min": [probe.loadavg_begin, probe.loadavg_end],  # CPU load of the machine (other processes included)

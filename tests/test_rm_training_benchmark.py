@@ -48,6 +48,7 @@ def test_benchmark_runs_both_trainers_and_counts_real_tokens(bench, tiny_model_d
         assert r["timed_steps"] == steps and r["pairs"] == steps * batch
         assert r["tokens"] == expected
         assert 0 < r["padding_efficiency"] <= 1 and r["tokens_per_s"] > 0
+    assert ours["computed_tokens"] < ours["tokens"] and trl["computed_tokens"] == trl["tokens"]  # ours packs each pair in a row
     assert ours["settings"]["gradient_checkpointing"] is False  # train-rm's default
     assert trl["settings"]["gradient_checkpointing"] is True  # TRL's default
     assert result["machine"]["name"] == "cpu" and ours["mfu"] is None
