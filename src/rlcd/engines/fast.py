@@ -110,8 +110,6 @@ class FastEngine(HFEngine):
         self._compiled_layers = [torch.compile(layer._call_impl, dynamic=True) for layer in self._layers] if self.on_cuda else []
         self._one_row_compiled = False
         self._saved: dict[tuple[int, ...], tuple] = {}  # CPU: prompt ids -> (keys, values, last logits) of the last call
-        self._saving: dict[tuple[int, ...], tuple] = {}
-        self._saving_bytes = 0
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], params: SamplingParams, seeds: Sequence[int]) -> list[Completion]:
@@ -196,9 +194,8 @@ class FastEngine(HFEngine):
             rows = torch.tensor([slots[k] for k in saved], device=self.device)
             for row, k in zip(rows.tolist(), saved):
                 keys, values, _ = entry = self._saved[tuple(prompts[k])]
-                if self._saving_bytes + len(prompts[k]) * self._slots.token_bytes <= SAVED_BYTES:  # kept for the next call too
+                if self._fits(len(prompts[k])):  # kept for the next call too
                     self._saving[tuple(prompts[k])] = entry
-                    self._saving_bytes += len(prompts[k]) * self._slots.token_bytes
                 for layer, (key, value) in enumerate(zip(keys, values)):
                     self._slots.keys[layer][row, :, : len(prompts[k])] = key
                     self._slots.values[layer][row, :, : len(prompts[k])] = value
@@ -246,12 +243,19 @@ class FastEngine(HFEngine):
     def _save(self, chunk: list[list[int]], rows: torch.Tensor, width: int, logits: torch.Tensor) -> None:
         """Keep these prefilled prompts' keys/values and last logits for the next `generate` call, within SAVED_BYTES."""
         for row, prompt, last in zip(rows.tolist(), chunk, logits):
-            if self._saving_bytes + len(prompt) * self._slots.token_bytes > SAVED_BYTES:
+            if not self._fits(len(prompt)):
                 return
-            self._saving_bytes += len(prompt) * self._slots.token_bytes
             at = width - len(prompt)
             self._saving[tuple(prompt)] = ([k[row, :, at:width].clone() for k in self._slots.keys],
                                            [v[row, :, at:width].clone() for v in self._slots.values], last.clone())
+
+    def _fits(self, tokens: int) -> bool:
+        """Whether `tokens` more tokens' keys/values fit in SAVED_BYTES this call; if so they are counted."""
+        size = tokens * self._slots.token_bytes
+        if self._saving_bytes + size > SAVED_BYTES:
+            return False
+        self._saving_bytes += size
+        return True
 
     def _prefill(self, chunk: list[list[int]], rows: torch.Tensor, width: int) -> torch.Tensor:
         """One forward of left-padded prompts whose keys/values go to slot `rows`; the last position's logits."""

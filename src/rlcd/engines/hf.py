@@ -167,8 +167,8 @@ class HFEngine:
 
 
 VOCAB_FIRST_ROWS = 128
-"""Most positions projected vocabulary-first; more go through nn.Linear (benchmarks/vocab_projection.py: at 128 rows
-the two ways are about even, from 256 on nn.Linear is as fast or faster)."""
+"""Most positions projected vocabulary-first; more go through nn.Linear (benchmarks/vocab_projection.py: with gradients
+the two ways are about even at 128 rows and nn.Linear is as fast or faster from 256 on)."""
 
 
 VOCAB_BLOCK = 2048
